@@ -1,0 +1,1 @@
+"""Error-minimizing quantization algorithms (GPTQ, AWQ, SmoothQuant): pure functions on tensors."""

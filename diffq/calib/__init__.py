@@ -1,0 +1,1 @@
+"""Calibration: activation collection across denoising steps and static scale derivation."""

@@ -1,0 +1,185 @@
+"""diffq's checkpoint format: `model.safetensors` (every tensor of the quantized model, codes
+in their real dtypes) plus `diffq.json` (format version, package version, recipe, per-layer
+scheme). Writes are atomic; loading never unpickles."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffq.core.config import from_dict
+from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec
+from diffq.errors import CheckpointError, DiffqError
+from diffq.nn.base import QuantizedLayer
+from diffq.nn.convert import convert
+
+FORMAT_VERSION = 1
+META_FILE = "diffq.json"
+TENSOR_FILE = "model.safetensors"
+
+
+def _version() -> str:
+    from diffq import __version__
+
+    return __version__
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses shared storage (tied weights): keep one name, record the aliases."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.detach().cpu().contiguous()
+    return out, aliases
+
+
+def atomic_directory(directory: Path, overwrite: bool) -> Path:
+    """A fresh temporary sibling of `directory` to write into; publish with `publish`."""
+    if directory.exists() and not overwrite:
+        raise CheckpointError(f"{directory} already exists; choose another path or overwrite")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, directory: Path) -> None:
+    """Swap the finished temporary directory into place (rename is atomic on one filesystem)."""
+    old = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        directory.rename(old)
+    tmp.rename(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write a quantized model to `directory` atomically (safetensors + diffq.json)."""
+    directory = Path(directory)
+    layers = {n: {**m.describe(), "shape": list(m.weight_shape)}
+              for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    if not layers:
+        raise CheckpointError("the model has no quantized layers; run diffq.quantize first")
+    recipe = getattr(model, "diffq_recipe", None)
+    tensors, aliases = _dedupe(model.state_dict())
+    meta = {
+        "format": "diffq",
+        "format_version": FORMAT_VERSION,
+        "diffq_version": _version(),
+        "recipe": None if recipe is None else recipe.to_dict(),
+        "layers": layers,
+        "aliases": aliases,
+    }
+    tmp = atomic_directory(directory, overwrite)
+    try:
+        save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "diffq"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        publish(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    """Parse and check `diffq.json` of a checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    path = directory / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a diffq checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "diffq" or "layers" not in meta:
+        raise CheckpointError(f"{path} is not a diffq checkpoint description")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} has checkpoint format {version!r}, newer than this diffq reads "
+            f"({FORMAT_VERSION}); upgrade diffq (pip install -U diffq)"
+        )
+    return meta
+
+
+def _plans(model: nn.Module, layers: dict) -> tuple[dict[str, LayerPlan], dict[str, list[int]]]:
+    plans, segments = {}, {}
+    for name, d in layers.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"checkpoint layer {name!r} does not exist in the model; was it saved from "
+                "another architecture?"
+            ) from None
+        if isinstance(m, QuantizedLayer):
+            raise CheckpointError("diffq.load expects the float model; this one is already quantized")
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise CheckpointError(f"checkpoint layer {name!r} is a {type(m).__name__} in the model")
+        if list(m.weight.shape) != d["shape"]:
+            raise CheckpointError(
+                f"layer {name!r}: checkpoint weight shape {d['shape']} != model {list(m.weight.shape)}"
+            )
+        try:
+            acts = d["activations"]
+            plans[name] = LayerPlan(from_dict(WeightSpec, d["weights"]),
+                                    None if acts is None else from_dict(ActivationSpec, acts))
+        except (DiffqError, KeyError, TypeError) as e:
+            raise CheckpointError(f"layer {name!r} has an invalid scheme in {META_FILE}: {e}") from None
+        if d.get("segments"):
+            segments[name] = d["segments"]
+    return plans, segments
+
+
+def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module:
+    """Load a diffq checkpoint into `model`, a float model of the same architecture (in place)."""
+    from diffq.api import attach_clock
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    try:
+        tensors = load_file(str(directory / TENSOR_FILE))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {TENSOR_FILE}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / TENSOR_FILE} is corrupt: {e}") from None
+    plans, segments = _plans(model, meta["layers"])
+    convert(model, plans, segments, empty=True)
+    for alias, canonical in meta.get("aliases", {}).items():
+        if canonical in tensors:
+            tensors[alias] = tensors[canonical]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, t in tensors.items():
+        e = expected[name]
+        storage = name.rpartition(".")[2] in ("qweight", "weight_scale", "weight_zero_point")
+        if t.shape != e.shape or (storage and t.dtype != e.dtype):
+            raise CheckpointError(
+                f"tensor {name!r}: checkpoint {tuple(t.shape)} {t.dtype} != model "
+                f"{tuple(e.shape)} {e.dtype}"
+            )
+    model.load_state_dict(tensors, strict=True)
+    if meta.get("recipe") is not None:
+        model.diffq_recipe = Recipe.from_dict(meta["recipe"])
+    attach_clock(model, timestep_of)
+    return model

@@ -1,0 +1,1 @@
+"""diffusers / transformers integration. The only place (with eval and samples) that imports them."""

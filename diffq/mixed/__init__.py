@@ -1,0 +1,1 @@
+"""Sensitivity probes and bit allocation under a budget."""

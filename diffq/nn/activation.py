@@ -1,0 +1,72 @@
+"""The activation-quantizer slot of a quantized layer: none, static (a table of scales per
+timestep group and channel segment), or dynamic per-token."""
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from diffq.core.formats import get_format
+from diffq.core.recipe import ActivationSpec
+from diffq.errors import CalibrationError
+from diffq.nn.timestep import TimestepClock
+from diffq.ops.types import ActQuant
+
+
+class ActivationQuantizer(nn.Module):
+    """Static mode holds `scale` [K, S]: K timestep groups split at `boundaries` [K-1]
+    (ascending timestep values), S channel segments of sizes `segments` (S > 1 for layers that
+    consume cat(skip, h)). The group is chosen from the clock's timestep value at call time."""
+
+    def __init__(self, spec: ActivationSpec, feature_axis: int, segments: list[int]):
+        super().__init__()
+        self.spec = spec
+        self.feature_axis = feature_axis
+        self.segments = list(segments)
+        self.clock: TimestepClock | None = None
+        self.name = ""
+        if spec.mode == "static":
+            k, s = spec.timestep_groups, len(self.segments)
+            self.register_buffer("scale", torch.ones(k, s))
+            self.register_buffer("boundaries", torch.zeros(k - 1))
+            if not spec.symmetric:
+                self.register_buffer("zero_point", torch.zeros(k, s, dtype=torch.int32))
+
+    def set_table(self, scale: torch.Tensor, boundaries: torch.Tensor, zero_point=None) -> None:
+        """Install calibrated scales [K, S] and timestep boundaries [K-1]."""
+        self.scale.copy_(scale)
+        self.boundaries.copy_(boundaries)
+        if zero_point is not None:
+            self.zero_point.copy_(zero_point)
+
+    def group_index(self) -> int:
+        k = self.scale.shape[0]
+        if k == 1:
+            return 0
+        t = None if self.clock is None else self.clock.value
+        if t is None:
+            raise CalibrationError(
+                f"layer {self.name!r} has {k} timestep groups but no timestep reached it; call "
+                "the quantized model itself (its pre-hook reads the timestep) or pass timestep_of"
+            )
+        return bisect.bisect_right(self.boundaries.tolist(), t)
+
+    def params(self) -> ActQuant:
+        fmt = get_format(self.spec.format)
+        if self.spec.mode == "dynamic":
+            return ActQuant(fmt, self.feature_axis, dynamic=True)
+        g = self.group_index()
+        scale, zp = self.scale[g], getattr(self, "zero_point", None)
+        zp = None if zp is None else zp[g]
+        if len(self.segments) > 1:
+            sizes = torch.tensor(self.segments, device=scale.device)
+            scale = scale.repeat_interleave(sizes)
+            zp = None if zp is None else zp.repeat_interleave(sizes)
+        return ActQuant(fmt, self.feature_axis, scale=scale, zero_point=zp)
+
+    def extra_repr(self) -> str:
+        s = f"{self.spec.format}, {self.spec.mode}"
+        if self.spec.mode == "static":
+            s += f", groups={self.scale.shape[0]}, segments={self.segments}"
+        return s

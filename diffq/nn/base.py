@@ -1,0 +1,79 @@
+"""Shared storage and bookkeeping of quantized layers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffq.core.config import to_dict
+from diffq.core.recipe import ActivationSpec, WeightSpec
+from diffq.core.weights import QuantizedWeight, quantize_weight
+from diffq.nn.activation import ActivationQuantizer
+
+# Buffers whose dtype is the storage format itself: model.to(dtype) must move, never cast them.
+_STORAGE = ("qweight", "weight_scale", "weight_zero_point")
+
+
+class QuantizedLayer(nn.Module):
+    """Holds a `QuantizedWeight` as buffers (qweight, weight_scale[, weight_zero_point]),
+    a float bias, and an optional `input_quant` (ActivationQuantizer)."""
+
+    feature_axis = -1
+
+    def _init_quantized(
+        self,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None,
+        act: ActivationSpec | None,
+        segments: list[int],
+    ) -> None:
+        self.weight_spec = qw.spec
+        self.weight_shape = qw.shape
+        self.register_buffer("qweight", qw.data)
+        self.register_buffer("weight_scale", qw.scale)
+        if qw.zero_point is not None:
+            self.register_buffer("weight_zero_point", qw.zero_point)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.input_quant = (
+            None if act is None else ActivationQuantizer(act, self.feature_axis, segments)
+        )
+
+    @staticmethod
+    def _quantize_or_shape(weight: torch.Tensor, spec: WeightSpec, empty: bool) -> QuantizedWeight:
+        if not empty:
+            return quantize_weight(weight, spec)
+        # Same storage shapes without the cost of quantizing: run on the meta device, then zeros.
+        meta = quantize_weight(torch.empty(weight.shape, device="meta"), spec)
+        z = lambda t: None if t is None else torch.zeros(t.shape, dtype=t.dtype)  # noqa: E731
+        return QuantizedWeight(z(meta.data), z(meta.scale), z(meta.zero_point), spec, meta.shape)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.qweight, self.weight_scale, getattr(self, "weight_zero_point", None),
+            self.weight_spec, self.weight_shape,
+        )
+
+    def act_params(self):
+        return None if self.input_quant is None else self.input_quant.params()
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.quantized_weight.nbytes
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: getattr(self, n) for n in _STORAGE if getattr(self, n, None) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def describe(self) -> dict:
+        """JSON-able scheme of this layer, enough to rebuild it empty for loading."""
+        q = self.input_quant
+        return {
+            "weights": to_dict(self.weight_spec),
+            "activations": None if q is None else to_dict(q.spec),
+            "segments": None if q is None else q.segments,
+        }

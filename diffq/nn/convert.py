@@ -1,0 +1,98 @@
+"""Find the layers a recipe quantizes, report the ones it leaves alone, and swap modules."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from diffq.core.recipe import LayerPlan, Recipe
+from diffq.nn.base import QuantizedLayer
+from diffq.nn.qconv2d import QConv2d
+from diffq.nn.qlinear import QLinear
+
+# Weight-bearing layer types diffq does not quantize (yet); they stay float and are reported.
+_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d, nn.Embedding, nn.MultiheadAttention)
+
+
+@dataclass
+class QuantizationReport:
+    """What `diffq.quantize` did: per-layer scheme, layers left float with the reason."""
+
+    recipe: str
+    quantized: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    unmatched_patterns: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"recipe {self.recipe}: {len(self.quantized)} layers quantized, "
+                 f"{len(self.skipped)} left in float"]
+        lines += [f"  kept float: {n} ({why})" for n, why in self.skipped.items()]
+        lines += [f"  recipe pattern matched no layer: {p}" for p in self.unmatched_patterns]
+        return "\n".join(lines)
+
+
+def _group_problem(module: nn.Module, plan: LayerPlan) -> str | None:
+    w = plan.weights
+    k = module.weight[0].numel()
+    if w.granularity == "per_group" and k % w.group_size:
+        return f"reduction dim {k} not divisible by group size {w.group_size}"
+    if w.bits == 4 and k % 2:
+        return f"odd reduction dim {k} cannot be packed two per byte"
+    return None
+
+
+def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan], QuantizationReport]:
+    """Resolve the recipe against `model`'s Linear/Conv2d layers."""
+    report = QuantizationReport(recipe.name)
+    plans: dict[str, LayerPlan] = {}
+    names = []
+    for name, m in model.named_modules():
+        names.append(name)
+        if isinstance(m, QuantizedLayer):
+            report.skipped[name] = "already quantized"
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            plan = recipe.plan_for(name)
+            problem = None if plan is None else _group_problem(m, plan)
+            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                problem = f"padding_mode {m.padding_mode!r} unsupported"
+            if plan is None:
+                report.skipped[name] = "kept float by recipe"
+            elif problem:
+                report.skipped[name] = problem
+            else:
+                plans[name] = plan
+        elif isinstance(m, _UNSUPPORTED):
+            report.skipped[name] = f"unsupported layer type {type(m).__name__}"
+    report.unmatched_patterns = [
+        p for p in recipe.patterns() if not any(fnmatch.fnmatchcase(n, p) for n in names)
+    ]
+    return plans, report
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert(
+    model: nn.Module,
+    plans: dict[str, LayerPlan],
+    segments: dict[str, list[int]] | None = None,
+    empty: bool = False,
+) -> dict[str, QuantizedLayer]:
+    """Replace each planned layer by its quantized twin (empty=True: zeros, for loading)."""
+    segments = segments or {}
+    out: dict[str, QuantizedLayer] = {}
+    for name, plan in plans.items():
+        m = model.get_submodule(name)
+        cls = QLinear if isinstance(m, nn.Linear) else QConv2d
+        q = cls(m, plan.weights, plan.activations, segments.get(name), empty=empty)
+        q.to(device=m.weight.device)
+        if q.input_quant is not None:
+            q.input_quant.name = name
+        replace_module(model, name, q)
+        out[name] = q
+    return out

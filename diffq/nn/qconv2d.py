@@ -1,0 +1,34 @@
+"""Quantized nn.Conv2d (any stride, padding, dilation and groups)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffq import ops
+from diffq.core.recipe import ActivationSpec, WeightSpec
+from diffq.nn.base import QuantizedLayer
+
+
+class QConv2d(QuantizedLayer):
+    """Conv2d with real low-bit weight storage; forward dispatches to `diffq.ops.conv2d`."""
+
+    feature_axis = 1
+
+    def __init__(self, conv: nn.Conv2d, weights: WeightSpec, activations: ActivationSpec | None,
+                 segments: list[int] | None = None, empty: bool = False):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        qw = self._quantize_or_shape(conv.weight, weights, empty)
+        self._init_quantized(qw, conv.bias, activations, segments or [conv.in_channels])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv2d(x, self.quantized_weight, self.bias, self.act_params(), self.stride,
+                          self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, groups={self.groups}, weights={self.weight_spec.format}")

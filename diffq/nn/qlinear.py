@@ -1,0 +1,28 @@
+"""Quantized nn.Linear."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffq import ops
+from diffq.core.recipe import ActivationSpec, WeightSpec
+from diffq.nn.base import QuantizedLayer
+
+
+class QLinear(QuantizedLayer):
+    """Linear layer with real low-bit weight storage; forward dispatches to `diffq.ops.linear`."""
+
+    feature_axis = -1
+
+    def __init__(self, linear: nn.Linear, weights: WeightSpec, activations: ActivationSpec | None,
+                 segments: list[int] | None = None, empty: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        qw = self._quantize_or_shape(linear.weight, weights, empty)
+        self._init_quantized(qw, linear.bias, activations, segments or [linear.in_features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.quantized_weight, self.bias, self.act_params())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, weights={self.weight_spec.format}"

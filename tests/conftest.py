@@ -1,0 +1,51 @@
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """Fresh random inputs every run (seeded from the OS), reproducible within the test."""
+    g = torch.Generator()
+    g.seed()
+    return g
+
+
+class ToyUNet(nn.Module):
+    """A small conv/linear model with a timestep argument, like a diffusion UNet's call."""
+
+    def __init__(self, c: int = 64):
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, c, 3, padding=1)
+        self.time_proj = nn.Linear(1, c)
+        self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(2 * c, 2 * c, 3, padding=2, dilation=2, groups=2)
+        self.attn_q = nn.Linear(2 * c, 2 * c)
+        self.up = nn.Conv2d(3 * c, c, 1)
+        self.conv_out = nn.Conv2d(c, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(4, c)
+        self.emb = nn.Embedding(8, c)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        t = timestep.float().reshape(-1, 1) / 1000
+        h = self.conv_in(x) + self.time_proj(t)[:, :, None, None]
+        skip = h
+        d = torch.relu(self.down(h))
+        d = d * (1 + timestep.float().reshape(-1, 1, 1, 1) / 250)  # ranges move with t
+        d = self.mid(d)
+        q = self.attn_q(d.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(d.shape)
+        u = nn.functional.interpolate(q, scale_factor=2)
+        h = self.up(torch.cat([skip, u], dim=1))
+        return self.conv_out(torch.relu(self.norm(h)))
+
+
+@pytest.fixture
+def toy_unet() -> ToyUNet:
+    torch.manual_seed(0)
+    return ToyUNet()
+
+
+def toy_calibration(n_steps: int = 10, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 4, 8, 8, generator=g), torch.full((batch,), float(t)))
+            for t in torch.linspace(999, 0, n_steps).round().tolist()]
