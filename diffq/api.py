@@ -43,28 +43,35 @@ def attach_clock(model: nn.Module, timestep_of: TimestepOf | None = None) -> Tim
     return clock
 
 
-def _calibrate(model, plans: dict[str, LayerPlan], segments, data, timestep_of, progress):
-    static = {n: p for n, p in plans.items()
-              if p.activations is not None and p.activations.mode == "static"}
-    if not static:
-        return {}
-    if data is None:
-        raise CalibrationError(
-            "the recipe quantizes activations statically and needs calibration data "
-            "(pass calibration=...), or use a weight-only / dynamic recipe"
-        )
-    layers = {}
-    for n in static:
-        m = model.get_submodule(n)
-        layers[n] = (m, _feature_axis(m), segments.get(n, [_in_channels(m)]))
+def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
+                  segments: dict[str, list[int]]) -> dict[str, tuple[nn.Module, int, list[int]]]:
+    """Layers with static activation quantization: name -> (module, feature axis, segments)."""
+    out = {}
+    for n, p in plans.items():
+        if p.activations is not None and p.activations.mode == "static":
+            m = model.get_submodule(n)
+            out[n] = (m, _feature_axis(m), segments.get(n, [_in_channels(m)]))
+    return out
+
+
+def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bool = False):
+    """Run calibration `data` (iterable of call items, or a callable that drives the model,
+    e.g. a pipeline loop) and return name -> (timesteps [N], minmax [N, 2, S])."""
     clock = TimestepClock()
     handle = install_clock(model, clock, timestep_of)
     try:
         collector = ActivationCollector(layers, clock)
-        run_calibration(model, data, collector, progress)
+        if callable(data):
+            with torch.inference_mode(), collector:
+                data()
+        else:
+            run_calibration(model, data, collector, progress)
     finally:
         handle.remove()
-    return {n: collector.stats[n].tensors() for n in static}
+    stats = {n: collector.stats[n] for n in layers}
+    if any(not st.timesteps for st in stats.values()):
+        raise CalibrationError("calibration never reached the quantized layers")
+    return {n: st.tensors() for n, st in stats.items()}
 
 
 def quantize(
@@ -74,6 +81,7 @@ def quantize(
     timestep_of: TimestepOf | None = None,
     segments: dict[str, list[int]] | None = None,
     progress: bool = False,
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place and return it; `model.diffq_report` says what was done.
 
@@ -81,12 +89,27 @@ def quantize(
     calibration: items are a tensor, a tuple of args, a dict of kwargs or an (args, kwargs) pair;
     needed only for static activation scales. timestep_of(args, kwargs) returns the timestep of a
     call (default: the `timestep` keyword or the second positional argument).
-    segments: layer name -> input channel segment sizes that get separate activation scales.
+    segments: layer name -> input channel segment sizes that get separate activation scales
+    (used where the layer's activation spec sets split_skip).
+    stats: precollected statistics (see `collect_stats`), instead of running `calibration`.
     """
     recipe = load_recipe(recipe)
-    segments = segments or {}
     plans, report = plan_layers(model, recipe)
-    stats = _calibrate(model, plans, segments, calibration, timestep_of, progress)
+    segments = {n: seg for n, seg in (segments or {}).items() if n in plans
+                and plans[n].activations is not None and plans[n].activations.split_skip}
+    layers = static_layers(model, plans, segments)
+    if layers and stats is None:
+        if calibration is None:
+            raise CalibrationError(
+                "the recipe quantizes activations statically and needs calibration data "
+                "(pass calibration=...), or use a weight-only / dynamic recipe"
+            )
+        stats = collect_stats(model, layers, calibration, timestep_of, progress)
+    missing = [n for n in layers if n not in (stats or {})]
+    if missing:
+        raise CalibrationError(f"no calibration statistics for layer {missing[0]!r} "
+                               f"({len(missing)} layers); were they collected for another model?")
+    stats = {n: stats[n] for n in layers}
     layers = convert(model, plans, segments)
     for name, (ts, minmax) in stats.items():
         spec = plans[name].activations

@@ -4,8 +4,6 @@ scheme). Writes are atomic; loading never unpickles."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from torch import nn
 from diffq.core.config import from_dict
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec
 from diffq.errors import CheckpointError, DiffqError
+from diffq.io import writing_directory
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.convert import convert
 
@@ -44,28 +43,6 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def atomic_directory(directory: Path, overwrite: bool) -> Path:
-    """A fresh temporary sibling of `directory` to write into; publish with `publish`."""
-    if directory.exists() and not overwrite:
-        raise CheckpointError(f"{directory} already exists; choose another path or overwrite")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def publish(tmp: Path, directory: Path) -> None:
-    """Swap the finished temporary directory into place (rename is atomic on one filesystem)."""
-    old = None
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-        directory.rename(old)
-    tmp.rename(directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
     """Write a quantized model to `directory` atomically (safetensors + diffq.json)."""
     directory = Path(directory)
@@ -83,14 +60,9 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Pa
         "layers": layers,
         "aliases": aliases,
     }
-    tmp = atomic_directory(directory, overwrite)
-    try:
+    with writing_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "diffq"})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        publish(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -27,10 +27,87 @@ def build_parser() -> argparse.ArgumentParser:
         "compare": "run several schemes on the same prompts and seeds; one table and a grid",
         "bench": "time FP32, bf16 and quantized layers and UNet steps; ratios table",
     }
+    parsers = {}
     for name, help_ in commands.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        parsers[name] = sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(func=_not_yet(name))
+    _add_eval(parsers["eval"])
+    _add_calibrate(parsers["calibrate"])
     return p
+
+
+def _add_calibrate(sp: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    sp.add_argument("--model", type=Path, help="diffusers pipeline directory (default: samples/tiny-sd)")
+    sp.add_argument("--prompts", type=Path, help="UTF-8 prompt file (default: samples/prompts/shapes-calib.txt)")
+    sp.add_argument("--recipe", help="built-in recipe name or YAML path (default: w8a8)")
+    sp.add_argument("--num-prompts", type=int, help="use the first N prompts (default: 32)")
+    sp.add_argument("--steps", type=int, help="denoising steps per prompt (default: 20)")
+    sp.add_argument("--guidance", type=float)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--out", type=Path, help="output directory (default: out/tiny-sd-w8a8)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted calibration")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=_run_calibrate)
+
+
+def _settings(cls, args: argparse.Namespace):
+    s = cls()
+    for key in vars(s):
+        value = getattr(args, key, None)
+        if value is not None and value is not False:
+            setattr(s, key, value)
+    return s
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from diffq.integrations.calibrate import CalibrateSettings, run_calibrate
+
+    s = _settings(CalibrateSettings, args)
+    r = run_calibrate(s, progress=not args.no_progress)
+    print(f"{r['recipe']}: {len(r['layers'])} layers quantized, {len(r['skipped'])} kept float, "
+          f"weight bytes {r['weight_bytes'] / r['weight_bytes_fp']:.3f}x bf16, {r['seconds']} s "
+          f"-> {s.out} (report.md)")
+    return 0
+
+
+def _add_eval(sp: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    sp.add_argument("--model", type=Path, help="diffusers pipeline directory (default: samples/tiny-sd)")
+    sp.add_argument("--quantized", type=Path, help="quantized directory (diffq calibrate / diffq.save); "
+                    "omitted: the FP pipeline against itself")
+    sp.add_argument("--prompts", type=Path, help="UTF-8 prompt file, one per line "
+                    "(default: samples/prompts/shapes-eval.txt)")
+    sp.add_argument("--num-images", type=int, default=64)
+    sp.add_argument("--steps", type=int, default=20)
+    sp.add_argument("--guidance", type=float, default=5.0)
+    sp.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--out", type=Path, default=Path("out/eval"))
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--evaluator", type=Path, help="shapes-domain evaluator (default: samples/tiny-clip)")
+    sp.add_argument("--real-images", type=Path, help="directory of reference images for FID")
+    sp.add_argument("--clip-model", type=Path, help="local transformers CLIP directory (real models)")
+    sp.add_argument("--inception-weights", type=Path, help="local Inception FID weights (real models)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from diffq.integrations.evaluate import EvalSettings, run_eval
+
+    s = _settings(EvalSettings, args)
+    report = run_eval(s, progress=not args.no_progress)
+    m = report["metrics"]
+    print(f"{report['scheme']}: PSNR {m['psnr_db']:.2f} dB, SSIM {m['ssim']:.4f}, "
+          f"CLIP {m['clip_score']:.2f} (FP {m['clip_score_fp']:.2f}), "
+          f"FID {m['fid']:.3f} (FP {m['fid_fp']:.3f}), weight bytes "
+          f"{report['weight_bytes'] / report['weight_bytes_fp']:.3f}x FP -> {s.out}")
+    return 0
 
 
 def _version() -> str:

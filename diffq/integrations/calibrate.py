@@ -1,0 +1,180 @@
+"""`diffq calibrate`: run a diffusers pipeline over prompts, collect UNet activations across
+denoising steps, quantize, and write the quantized pipeline, statistics and a report."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffq.api import collect_stats, quantize, static_layers, weight_bytes
+from diffq.checkpoint import save
+from diffq.core.recipe import load_recipe
+from diffq.errors import InputError
+from diffq.integrations.pipeline import default_model_dir, load_pipeline
+from diffq.integrations.unet import skip_concat_segments
+from diffq.io import read_prompts, writing_directory
+from diffq.nn.convert import plan_layers
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+@dataclass
+class CalibrateSettings:
+    model: Path = default_model_dir()
+    prompts: Path = SAMPLES / "prompts" / "shapes-calib.txt"
+    recipe: str = "w8a8"
+    num_prompts: int = 32
+    steps: int = 20
+    guidance: float = 5.0
+    seed: int = 0
+    batch_size: int = 16
+    out: Path = Path("out/tiny-sd-w8a8")
+    overwrite: bool = False
+    resume: bool = False
+
+
+def _cache_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.calib-cache"
+
+
+def save_stats(stats: dict, path: Path, meta: dict) -> None:
+    """Statistics as safetensors (`<layer>/timesteps`, `<layer>/minmax`), replaced atomically."""
+    tensors = {}
+    for name, (ts, mm) in stats.items():
+        tensors[f"{name}/timesteps"], tensors[f"{name}/minmax"] = ts.contiguous(), mm.contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"diffq": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_stats(path: Path) -> dict:
+    try:
+        raw = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"statistics file {path} is unreadable: {e}") from None
+    names = {k.rpartition("/")[0] for k in raw}
+    return {n: (raw[f"{n}/timesteps"], raw[f"{n}/minmax"]) for n in names}
+
+
+def _merge(a: dict | None, b: dict) -> dict:
+    if not a:
+        return b
+    return {n: (torch.cat([a[n][0], b[n][0]]), torch.cat([a[n][1], b[n][1]])) for n in b}
+
+
+def _check(s: CalibrateSettings) -> list[str]:
+    if s.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {s.steps}")
+    if s.num_prompts < 1:
+        raise InputError(f"--num-prompts must be at least 1, got {s.num_prompts}")
+    if s.out.exists() and not s.overwrite:
+        raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
+    return read_prompts(s.prompts)[: s.num_prompts]
+
+
+def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
+    """Calibrate and write `s.out`: unet/ (diffq checkpoint), stats.safetensors, report.*"""
+    t0 = time.perf_counter()
+    prompts = _check(s)
+    recipe = load_recipe(s.recipe)
+    pipe = load_pipeline(s.model)
+    unet = pipe.unet
+    fp_bytes = weight_bytes(unet)
+    segments = skip_concat_segments(unet)
+    plans, _ = plan_layers(unet, recipe)
+    layers = static_layers(unet, plans, {n: v for n, v in segments.items()
+                                         if plans.get(n) and plans[n].activations
+                                         and plans[n].activations.split_skip})
+    stats = None
+    if layers:
+        stats = _collect(s, pipe, prompts, layers, recipe.name, progress)
+    quantize(unet, recipe, segments=segments, stats=stats)
+    report = {
+        "recipe": recipe.name, "model": str(s.model), "prompts": str(s.prompts),
+        "num_prompts": len(prompts), "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
+        "weight_bytes": weight_bytes(unet), "weight_bytes_fp": fp_bytes,
+        "layers": unet.diffq_report.quantized, "skipped": unet.diffq_report.skipped,
+    }
+    with writing_directory(s.out, s.overwrite) as tmp:
+        save(unet, tmp / "unet")
+        (tmp / "pipeline.json").write_text(json.dumps({"base_model": str(Path(s.model).resolve()),
+                                                       "components": ["unet"]}, indent=1))
+        plotted = []
+        if stats:
+            save_stats(stats, tmp / "stats.safetensors", asdict_str(s))
+            b = next((q.input_quant.boundaries for q in unet.modules()
+                      if getattr(q, "input_quant", None) is not None
+                      and hasattr(q.input_quant, "boundaries")), None)
+            from diffq.eval.plots import activation_range_plot
+
+            plotted = activation_range_plot(stats, b, tmp / "activation_ranges.png")
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        report["plotted_layers"] = plotted
+        _write_report(tmp, report)
+    cache = _cache_dir(s.out)
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+    return report
+
+
+def asdict_str(s: CalibrateSettings) -> dict:
+    return {k: str(v) for k, v in asdict(s).items() if k not in ("overwrite", "resume", "out")}
+
+
+def _collect(s, pipe, prompts, layers, recipe_name, progress) -> dict:
+    """Collect in prompt batches; after each batch the statistics so far are cached next to the
+    output, so an interrupted run continues with --resume."""
+    cache = _cache_dir(s.out)
+    meta = {**asdict_str(s), "recipe": recipe_name}
+    stats, done = None, 0
+    if s.resume and (cache / "stats.safetensors").is_file():
+        info = json.loads((cache / "progress.json").read_text())
+        if info["meta"] != meta:
+            raise InputError(f"--resume: the cached run in {cache} used other settings; "
+                             "run without --resume to start over")
+        stats, done = load_stats(cache / "stats.safetensors"), info["done"]
+    cache.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(prompts), initial=done, desc="calibrating", disable=not progress)
+    for i in range(done, len(prompts), s.batch_size):
+        batch = prompts[i:i + s.batch_size]
+        gens = [torch.Generator().manual_seed(s.seed + i + k) for k in range(len(batch))]
+
+        def drive(batch=batch, gens=gens):
+            pipe(batch, num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens,
+                 output_type="latent")
+
+        stats = _merge(stats, collect_stats(pipe.unet, layers, drive))
+        save_stats(stats, cache / "stats.safetensors", meta)
+        (cache / "progress.json").write_text(json.dumps({"meta": meta, "done": i + len(batch)}))
+        bar.update(len(batch))
+    bar.close()
+    return stats
+
+
+def _write_report(out: Path, r: dict) -> None:
+    (out / "report.json").write_text(json.dumps(r, indent=1), encoding="utf-8")
+    lines = [
+        f"# diffq calibrate: {r['recipe']}",
+        "",
+        f"Model `{r['model']}`, {r['num_prompts']} prompts from `{r['prompts']}`, "
+        f"{r['steps']} steps, guidance {r['guidance']}, seed {r['seed']}; took {r['seconds']} s.",
+        "",
+        f"Weight bytes: {r['weight_bytes']:,} vs {r['weight_bytes_fp']:,} bf16 "
+        f"({r['weight_bytes'] / r['weight_bytes_fp']:.3f}x).",
+        "",
+    ]
+    if r["plotted_layers"]:
+        lines += ["![activation range over timesteps](activation_ranges.png)", ""]
+    lines += ["| layer | scheme |", "|---|---|"]
+    lines += [f"| `{n}` | {v} |" for n, v in r["layers"].items()]
+    lines += [f"| `{n}` | float ({why}) |" for n, why in r["skipped"].items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

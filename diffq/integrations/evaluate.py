@@ -1,0 +1,122 @@
+"""`diffq eval`: FP pipeline vs quantized pipeline on the same prompts and seeds."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffq.api import weight_bytes
+from diffq.checkpoint import read_meta
+from diffq.errors import InputError
+from diffq.eval import metrics, shapes
+from diffq.eval.report import write_eval_report
+from diffq.integrations.pipeline import (apply_quantized, default_model_dir, denoiser_name,
+                                         generate, load_pipeline, quantized_components)
+from diffq.io import read_prompts, writing_directory
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+@dataclass
+class EvalSettings:
+    model: Path = default_model_dir()
+    quantized: Path | None = None
+    prompts: Path = SAMPLES / "prompts" / "shapes-eval.txt"
+    num_images: int = 64
+    steps: int = 20
+    guidance: float = 5.0
+    seed: int = 0
+    batch_size: int = 16
+    out: Path = Path("out/eval")
+    overwrite: bool = False
+    evaluator: Path = SAMPLES / "tiny-clip"
+    real_images: Path | None = None
+    clip_model: Path | None = None
+    inception_weights: Path | None = None
+
+
+def _check(s: EvalSettings) -> list[str]:
+    if s.num_images < 1:
+        raise InputError(f"--num-images must be at least 1, got {s.num_images}")
+    if s.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {s.steps}")
+    if s.out.exists() and not s.overwrite:
+        raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
+    for opt, p in (("--evaluator", s.evaluator), ("--clip-model", s.clip_model),
+                   ("--real-images", s.real_images)):
+        if p is not None and not Path(p).is_dir():
+            raise InputError(f"{opt} directory {p} does not exist")
+    if s.inception_weights is not None and not Path(s.inception_weights).is_file():
+        raise InputError(f"--inception-weights file {s.inception_weights} does not exist")
+    prompts = read_prompts(s.prompts)
+    return [prompts[i % len(prompts)] for i in range(s.num_images)]
+
+
+def _real_images(s: EvalSettings, size: int) -> tuple[torch.Tensor, str]:
+    if s.real_images is not None:
+        from PIL import Image
+
+        files = sorted(p for p in Path(s.real_images).iterdir()
+                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise InputError(f"--real-images {s.real_images} holds no png/jpg/webp images")
+        imgs = [Image.open(f).convert("RGB").resize((size, size)) for f in files]
+        return shapes.to_tensor(imgs), f"{len(imgs)} images from {s.real_images}"
+    n = max(256, s.num_images)
+    images, _, _ = shapes.make_dataset("eval", n, seed=1234, size=size)
+    return images, f"{n} rendered shapes-eval images"
+
+
+def _scorers(s: EvalSettings):
+    """(clip_score(images, prompts), fid(real, fake), description)."""
+    if s.clip_model is not None or s.inception_weights is not None:
+        if s.clip_model is None or s.inception_weights is None:
+            raise InputError("real-model evaluation needs both --clip-model and --inception-weights")
+        return (lambda im, p: metrics.hf_clip_score(s.clip_model, im, p),
+                lambda r, f: metrics.inception_fid(s.inception_weights, r, f),
+                f"CLIP {s.clip_model}, Inception {s.inception_weights}")
+    from diffq.eval.evaluator import TinyClip
+
+    ev = TinyClip.from_pretrained(s.evaluator)
+    return (lambda im, p: metrics.clip_score(ev, im, p), lambda r, f: metrics.fid(ev, r, f),
+            f"shipped tiny-clip evaluator ({s.evaluator.name}; valid for the shapes domain only)")
+
+
+def run_eval(s: EvalSettings, progress: bool = True) -> dict:
+    """Generate, score and write report.json / report.md / grid.png into `s.out` (atomic)."""
+    prompts = _check(s)
+    seeds = [s.seed + i for i in range(s.num_images)]
+    fp = load_pipeline(s.model)
+    qp = load_pipeline(s.model)
+    scheme, comps = "fp", [denoiser_name(fp)]
+    if s.quantized is not None:
+        comps = apply_quantized(qp, s.quantized)
+        recipe = read_meta(quantized_components(s.quantized)[comps[0]]).get("recipe") or {}
+        scheme = recipe.get("name", "quantized")
+    clip_fn, fid_fn, features = _scorers(s)
+    t0 = time.perf_counter()
+    kw = dict(steps=s.steps, guidance=s.guidance, batch_size=s.batch_size, progress=progress)
+    fp_imgs = generate(fp, prompts, seeds, desc="FP images", **kw)
+    q_imgs = generate(qp, prompts, seeds, desc=f"{scheme} images", **kw)
+    gen_s = time.perf_counter() - t0
+    a, b = shapes.to_tensor(fp_imgs), shapes.to_tensor(q_imgs)
+    real, real_desc = _real_images(s, a.shape[-1])
+    report = {
+        "scheme": scheme, "model": str(s.model), "quantized": str(s.quantized or ""),
+        "num_images": s.num_images, "steps": s.steps, "guidance": s.guidance, "seeds": seeds,
+        "components": comps,
+        "weight_bytes": sum(weight_bytes(getattr(qp, c)) for c in comps),
+        "weight_bytes_fp": sum(weight_bytes(getattr(fp, c)) for c in comps),
+        "features": f"{features}; FID reference: {real_desc}",
+        "generation_seconds": round(gen_s, 2),
+        "metrics": {
+            "psnr_db": metrics.psnr(b, a), "ssim": metrics.ssim(b, a),
+            "clip_score": clip_fn(b, prompts), "clip_score_fp": clip_fn(a, prompts),
+            "fid": fid_fn(real, b), "fid_fp": fid_fn(real, a),
+        },
+    }
+    with writing_directory(s.out, s.overwrite) as tmp:
+        write_eval_report(tmp, report, fp_imgs, q_imgs)
+    return report

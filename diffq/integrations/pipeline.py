@@ -1,0 +1,81 @@
+"""Load diffusers pipelines, apply diffq checkpoints to their components, generate images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffq.checkpoint import META_FILE, load
+from diffq.errors import CheckpointError, InputError
+
+QUANTIZABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+def default_model_dir() -> Path:
+    """The embedded reference pipeline shipped in the source tree (samples/tiny-sd)."""
+    return Path(__file__).resolve().parents[2] / "samples" / "tiny-sd"
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a local directory, with its progress bar off."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True).to(dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise InputError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
+        raise InputError(f"the pipeline in {path} has no UNet (or denoising transformer) to quantize")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoiser_name(pipe) -> str:
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
+def quantized_components(qdir: str | Path) -> dict[str, Path]:
+    """Component name -> diffq checkpoint directory inside a quantized-pipeline directory."""
+    qdir = Path(qdir)
+    if not qdir.is_dir():
+        raise CheckpointError(f"quantized directory {qdir} does not exist")
+    found = {c: qdir / c for c in QUANTIZABLE_COMPONENTS if (qdir / c / META_FILE).is_file()}
+    if not found and (qdir / META_FILE).is_file():
+        found = {"unet": qdir}  # a bare diffq.save of a UNet
+    if not found:
+        raise CheckpointError(f"{qdir} holds no diffq checkpoint ({META_FILE} in unet/ etc.)")
+    return found
+
+
+def apply_quantized(pipe, qdir: str | Path) -> list[str]:
+    """Load every quantized component of `qdir` into the float pipeline `pipe` (in place)."""
+    comps = quantized_components(qdir)
+    for name, path in comps.items():
+        module = getattr(pipe, name, None)
+        if module is None:
+            raise CheckpointError(f"{qdir} quantizes component {name!r}, which the pipeline lacks")
+        load(path, module)
+    return list(comps)
+
+
+@torch.inference_mode()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
+             guidance: float = 5.0, batch_size: int = 8, progress: bool = True,
+             desc: str = "generating") -> list[Image.Image]:
+    """One image per (prompt, seed); image i depends only on its prompt and seed."""
+    images: list[Image.Image] = []
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        gens = [torch.Generator().manual_seed(s) for s in ss]
+        out = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                   output_type="pil")
+        images.extend(out.images)
+        bar.update(len(ps))
+    bar.close()
+    return images

@@ -1,0 +1,60 @@
+"""Atomic output directories and safe text input: an interrupted run leaves nothing half-written."""
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from diffq.errors import CheckpointError, InputError
+
+
+def atomic_directory(directory: Path, overwrite: bool) -> Path:
+    """A fresh temporary sibling of `directory` to write into; publish with `publish`."""
+    if directory.exists() and not overwrite:
+        raise CheckpointError(f"{directory} already exists; choose another path or overwrite")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, directory: Path) -> None:
+    """Swap the finished temporary directory into place (rename is atomic on one filesystem)."""
+    old = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        directory.rename(old)
+    tmp.rename(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def writing_directory(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """`with writing_directory(out) as tmp:` write into tmp; published only if the block ends well."""
+    directory = Path(directory)
+    tmp = atomic_directory(directory, overwrite)
+    try:
+        yield tmp
+        publish(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-blank line of a UTF-8 text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {path} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} has no prompts (empty or only blank lines)")
+    return prompts
