@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from diffq.calib.collector import ActivationCollector, run_calibration
-from diffq.calib.scales import minmax_table, timestep_boundaries
-from diffq.core.formats import get_format
+from diffq.calib.collector import LayerStats
+from diffq.calib.scales import choose_boundaries, scale_table
 from diffq.core.recipe import LayerPlan, Recipe, load_recipe
 from diffq.errors import CalibrationError
 from diffq.nn.base import QuantizedLayer
@@ -56,7 +56,7 @@ def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
 
 def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bool = False):
     """Run calibration `data` (iterable of call items, or a callable that drives the model,
-    e.g. a pipeline loop) and return name -> (timesteps [N], minmax [N, 2, S])."""
+    e.g. a pipeline loop) and return name -> LayerStats."""
     clock = TimestepClock()
     handle = install_clock(model, clock, timestep_of)
     try:
@@ -68,10 +68,7 @@ def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bo
             run_calibration(model, data, collector, progress)
     finally:
         handle.remove()
-    stats = {n: collector.stats[n] for n in layers}
-    if any(not st.timesteps for st in stats.values()):
-        raise CalibrationError("calibration never reached the quantized layers")
-    return {n: st.tensors() for n, st in stats.items()}
+    return collector.stats()
 
 
 def quantize(
@@ -81,7 +78,7 @@ def quantize(
     timestep_of: TimestepOf | None = None,
     segments: dict[str, list[int]] | None = None,
     progress: bool = False,
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    stats: dict[str, LayerStats] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place and return it; `model.diffq_report` says what was done.
 
@@ -111,11 +108,14 @@ def quantize(
                                f"({len(missing)} layers); were they collected for another model?")
     stats = {n: stats[n] for n in layers}
     layers = convert(model, plans, segments)
-    for name, (ts, minmax) in stats.items():
+    bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
+    for name, st in stats.items():
         spec = plans[name].activations
-        bounds = timestep_boundaries(ts, spec.timestep_groups)
-        scale, zp = minmax_table(ts, minmax, bounds, get_format(spec.format), spec.symmetric)
-        layers[name].input_quant.set_table(scale, bounds, zp)
+        key = (spec.timestep_groups, spec.timestep_grouping)
+        if key not in bounds:
+            bounds[key] = choose_boundaries(stats, *key)
+        scale, zp = scale_table(st, bounds[key], spec)
+        layers[name].input_quant.set_table(scale, bounds[key], zp)
     attach_clock(model, timestep_of)
     report.quantized = {n: describe_plan(p) for n, p in plans.items()}
     model.diffq_report = report

@@ -1,16 +1,19 @@
-"""Record the input activations of chosen layers, call by call, tagged with the timestep.
+"""Record the input activations of chosen layers across calls, keyed by the timestep value.
 
-Hooks only observe: the float model computes as usual. Each call stores per channel segment
-the min and max of the layer input (the statistics static scales are derived from).
+Hooks only observe: the float model computes as usual. For every layer, timestep value and
+channel segment the collector keeps the min, the max and a histogram of |x| (see
+`histogram`); calls at the same timestep (other prompts, other batches) merge exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from diffq.calib import histogram as H
 from diffq.errors import CalibrationError
 
 
@@ -34,19 +37,75 @@ def call_model(model: nn.Module, item: Any) -> Any:
 
 @dataclass
 class LayerStats:
-    """Per-call statistics of one layer input: timesteps [N] (NaN when none), minmax [N, 2, S]."""
+    """Statistics of one layer input per timestep value (NaN: calls without a timestep).
 
-    timesteps: list[float] = field(default_factory=list)
-    minmax: list[torch.Tensor] = field(default_factory=list)
+    timesteps [T] ascending; minmax [T, 2, S] (min, max per channel segment); hist [T, S, BINS]
+    int64 counts of |x| over [0, 2^exponent); exponent [T, S].
+    """
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(self.timesteps, dtype=torch.float64), torch.stack(self.minmax)
+    timesteps: torch.Tensor
+    minmax: torch.Tensor
+    hist: torch.Tensor
+    exponent: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"timesteps": self.timesteps, "minmax": self.minmax, "hist": self.hist,
+                "exponent": self.exponent}
+
+    @classmethod
+    def merge(cls, a: "LayerStats", b: "LayerStats") -> "LayerStats":
+        """Exact union of two collections (other prompts, other processes)."""
+        acc = _Accumulator(a.minmax.shape[-1])
+        for st in (a, b):
+            for i, t in enumerate(st.timesteps.tolist()):
+                acc.add(t, st.minmax[i], st.hist[i], st.exponent[i].tolist())
+        return acc.finish()
 
 
-def segment_minmax(x: torch.Tensor, axis: int, segments: list[int]) -> torch.Tensor:
-    """[2, S]: min and max of x over each channel segment along `axis`."""
-    parts = torch.split(x.detach(), segments, dim=axis) if len(segments) > 1 else (x.detach(),)
-    return torch.stack([torch.stack((p.amin(), p.amax())) for p in parts], dim=1).float().cpu()
+class _Accumulator:
+    def __init__(self, segments: int) -> None:
+        self.segments = segments
+        self.by_t: dict[float, list] = {}
+
+    def add(self, t: float, minmax: torch.Tensor, hist: torch.Tensor, exps: list[int]) -> None:
+        # NaN is no usable dict key: calls without a timestep share the key -inf
+        key = -math.inf if t is None or math.isnan(t) else float(t)
+        cur = self.by_t.get(key)
+        if cur is None:
+            self.by_t[key] = [minmax.clone(), hist.clone(), list(exps)]
+            return
+        cur[0][0] = torch.minimum(cur[0][0], minmax[0])
+        cur[0][1] = torch.maximum(cur[0][1], minmax[1])
+        for s in range(self.segments):
+            cur[1][s], cur[2][s] = H.merge(cur[1][s], cur[2][s], hist[s], exps[s])
+
+    def finish(self) -> LayerStats:
+        keys = sorted(self.by_t)
+        ts = torch.tensor([float("nan") if k == -math.inf else k for k in keys], dtype=torch.float64)
+        return LayerStats(
+            ts,
+            torch.stack([self.by_t[k][0] for k in keys]),
+            torch.stack([self.by_t[k][1] for k in keys]),
+            torch.tensor([self.by_t[k][2] for k in keys], dtype=torch.int64),
+        )
+
+
+def segment_stats(x: torch.Tensor, axis: int, segments: list[int]):
+    """minmax [2, S], hist [S, BINS] and range exponents [S] of one activation;
+    None when x holds NaN or Inf."""
+    x = x.detach()
+    parts = torch.split(x, segments, dim=axis) if len(segments) > 1 else (x,)
+    mm, hists, exps = [], [], []
+    for p in parts:
+        lo, hi = (v.float() for v in torch.aminmax(p))
+        amax = float(torch.maximum(-lo, hi))
+        if not math.isfinite(amax) or not math.isfinite(float(lo)):  # NaN propagates into min/max
+            return None
+        e = H.range_exponent(amax)
+        mm.append(torch.stack((lo, hi)))
+        hists.append(H.histogram(p.abs(), e, absolute=True))
+        exps.append(e)
+    return torch.stack(mm, dim=1).cpu(), torch.stack(hists).cpu(), exps
 
 
 class ActivationCollector:
@@ -58,21 +117,25 @@ class ActivationCollector:
     def __init__(self, layers: dict[str, tuple[nn.Module, int, list[int]]], clock) -> None:
         self.layers = layers
         self.clock = clock
-        self.stats: dict[str, LayerStats] = {name: LayerStats() for name in layers}
+        self._acc = {name: _Accumulator(len(seg)) for name, (_, _, seg) in layers.items()}
         self._handles: list = []
 
     def _hook(self, name: str, axis: int, segments: list[int]):
         def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0]
             t = self.clock.value
-            if not torch.isfinite(x).all():
+            found = segment_stats(args[0], axis, segments)
+            if found is None:
                 where = "" if t is None else f" at timestep {t:g}"
                 raise CalibrationError(f"non-finite activation (NaN/Inf) entering layer {name!r}{where}")
-            st = self.stats[name]
-            st.timesteps.append(float("nan") if t is None else t)
-            st.minmax.append(segment_minmax(x, axis, segments))
+            self._acc[name].add(t, *found)
 
         return hook
+
+    def stats(self) -> dict[str, LayerStats]:
+        empty = [n for n, a in self._acc.items() if not a.by_t]
+        if empty:
+            raise CalibrationError(f"calibration never reached layer {empty[0]!r}")
+        return {n: a.finish() for n, a in self._acc.items()}
 
     def __enter__(self) -> "ActivationCollector":
         for name, (m, axis, segments) in self.layers.items():

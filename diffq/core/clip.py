@@ -22,6 +22,8 @@ def mse_clip_qparams(
     is always a candidate, so the result is never worse than no clipping."""
     xb = blocked(x, gran).float()
     dims = reduce_dims(xb, gran)
+    if symmetric and fmt.kind == "int":
+        return _symmetric_int_search(xb, dims, fmt, grid, min_ratio, norm)
     best: QParams | None = None
     best_err = None
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
@@ -38,3 +40,24 @@ def mse_clip_qparams(
         best = QParams(scale, zp)
     assert best is not None
     return best
+
+
+def _symmetric_int_search(xb, dims, fmt: Format, grid: int, min_ratio: float, norm: float) -> QParams:
+    """Same search as the general path, in place on one buffer: the hot loop of weight
+    quantization for large models."""
+    amax = xb.abs().amax(dim=dims, keepdim=True)
+    best_scale, best_err = None, None
+    buf = torch.empty_like(xb)
+    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
+        scale = amax * ratio / fmt.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        torch.div(xb, scale, out=buf)
+        buf.round_().clamp_(fmt.qmin, fmt.qmax).mul_(scale).sub_(xb).abs_()
+        err = (buf.pow_(norm) if norm != 1 else buf).sum(dim=dims, keepdim=True)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return QParams(best_scale)

@@ -56,8 +56,10 @@ class WeightSpec:
 class ActivationSpec:
     """How a layer's input activation is quantized at run time.
 
-    static: scales from calibration, one table entry per timestep group (K = timestep_groups);
-    dynamic: per-token scales computed on the fly (no calibration).
+    static: scales from calibration, one table entry per timestep group (K = timestep_groups,
+    split where layer ranges change most, or into equal counts with "uniform"); dynamic:
+    per-token scales computed on the fly (no calibration). split_skip: layers consuming
+    cat(h, skip) in a UNet's up path get one scale per half.
     """
 
     format: Literal["int8", "fp8_e4m3"] = "int8"
@@ -67,6 +69,7 @@ class ActivationSpec:
     observer: Literal["minmax", "percentile", "mse", "kl"] = "minmax"
     percentile: float = 99.99
     timestep_groups: int = 1
+    timestep_grouping: Literal["range", "uniform"] = "range"
     split_skip: bool = False
 
     def validate(self) -> None:
@@ -78,8 +81,11 @@ class ActivationSpec:
             raise RecipeError(f"activations.timestep_groups must be >= 1, got {self.timestep_groups}")
         if not 50.0 < self.percentile <= 100.0:
             raise RecipeError(f"activations.percentile must be in (50, 100], got {self.percentile}")
-        if not self.symmetric and self.format != "int8":
-            raise RecipeError(f"activations.format {self.format!r} cannot be asymmetric")
+        if not self.symmetric and (self.format != "int8" or self.observer != "minmax"):
+            raise RecipeError("activations: asymmetric quantization needs format int8 and "
+                              "observer minmax")
+        if self.observer in ("mse", "kl") and self.format != "int8":
+            raise RecipeError(f"activations.observer {self.observer!r} needs format int8")
 
     def granularity_obj(self, feature_axis: int) -> Granularity:
         return PerToken(feature_axis) if self.granularity == "per_token" else PerTensor()

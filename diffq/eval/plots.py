@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 
-def activation_range_plot(stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+def activation_range_plot(stats: dict,
                           boundaries: torch.Tensor | None, path: Path, top: int = 6) -> list[str]:
     """Abs-max of layer inputs against the timestep for the `top` layers whose range varies most
     across timesteps; dashed lines mark the timestep-group boundaries. Returns the layer names."""
@@ -16,11 +16,9 @@ def activation_range_plot(stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
     import matplotlib.pyplot as plt
 
     curves = {}
-    for name, (ts, minmax) in stats.items():
-        amax = minmax.abs().amax(dim=(1, 2)).double()
-        values = torch.unique(ts)
-        per_t = torch.stack([amax[ts == v].max() for v in values])
-        curves[name] = (values, per_t, float(per_t.max() / per_t.min().clamp(min=1e-12)))
+    for name, st in stats.items():  # LayerStats: one row per timestep value
+        per_t = st.minmax.abs().amax(dim=(1, 2)).double()
+        curves[name] = (st.timesteps, per_t, float(per_t.max() / per_t.min().clamp(min=1e-12)))
     chosen = sorted(curves, key=lambda n: -curves[n][2])[:top]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name in chosen:

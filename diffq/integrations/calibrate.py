@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffq.api import collect_stats, quantize, static_layers, weight_bytes
+from diffq.calib.collector import LayerStats
 from diffq.checkpoint import save
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
@@ -44,29 +45,26 @@ def _cache_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.calib-cache"
 
 
-def save_stats(stats: dict, path: Path, meta: dict) -> None:
-    """Statistics as safetensors (`<layer>/timesteps`, `<layer>/minmax`), replaced atomically."""
-    tensors = {}
-    for name, (ts, mm) in stats.items():
-        tensors[f"{name}/timesteps"], tensors[f"{name}/minmax"] = ts.contiguous(), mm.contiguous()
+def save_stats(stats: dict[str, LayerStats], path: Path, meta: dict) -> None:
+    """Statistics as safetensors (`<layer>/<field>`), replaced atomically."""
+    tensors = {f"{n}/{k}": v.contiguous() for n, st in stats.items() for k, v in st.tensors().items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"diffq": json.dumps(meta)})
     os.replace(tmp, path)
 
 
-def load_stats(path: Path) -> dict:
+def load_stats(path: Path) -> dict[str, LayerStats]:
     try:
         raw = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise InputError(f"statistics file {path} is unreadable: {e}") from None
     names = {k.rpartition("/")[0] for k in raw}
-    return {n: (raw[f"{n}/timesteps"], raw[f"{n}/minmax"]) for n in names}
+    return {n: LayerStats(*(raw[f"{n}/{f}"] for f in ("timesteps", "minmax", "hist", "exponent")))
+            for n in names}
 
 
 def _merge(a: dict | None, b: dict) -> dict:
-    if not a:
-        return b
-    return {n: (torch.cat([a[n][0], b[n][0]]), torch.cat([a[n][1], b[n][1]])) for n in b}
+    return b if not a else {n: LayerStats.merge(a[n], b[n]) for n in b}
 
 
 def _check(s: CalibrateSettings) -> list[str]:
@@ -136,7 +134,7 @@ def _collect(s, pipe, prompts, layers, recipe_name, progress) -> dict:
     cache = _cache_dir(s.out)
     meta = {**asdict_str(s), "recipe": recipe_name}
     stats, done = None, 0
-    if s.resume and (cache / "stats.safetensors").is_file():
+    if s.resume and (cache / "progress.json").is_file():
         info = json.loads((cache / "progress.json").read_text())
         if info["meta"] != meta:
             raise InputError(f"--resume: the cached run in {cache} used other settings; "
