@@ -102,10 +102,12 @@ def _plans(model: nn.Module, layers: dict) -> tuple[dict[str, LayerPlan], dict[s
         if isinstance(m, QuantizedLayer):
             raise CheckpointError("diffq.load expects the float model; this one is already quantized")
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            raise CheckpointError(f"checkpoint layer {name!r} is a {type(m).__name__} in the model")
+            raise CheckpointError(f"checkpoint layer {name!r} is a {type(m).__name__} in the model, "
+                                  "not Linear/Conv2d; was it saved from another architecture?")
         if list(m.weight.shape) != d["shape"]:
             raise CheckpointError(
-                f"layer {name!r}: checkpoint weight shape {d['shape']} != model {list(m.weight.shape)}"
+                f"layer {name!r}: checkpoint weight shape {d['shape']} != model "
+                f"{list(m.weight.shape)}; was it saved from another architecture?"
             )
         try:
             acts = d["activations"]

@@ -33,7 +33,31 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=_not_yet(name))
     _add_eval(parsers["eval"])
     _add_calibrate(parsers["calibrate"])
+    _add_compare(parsers["compare"])
     return p
+
+
+def _add_compare(sp: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    _add_eval(sp)
+    sp.add_argument("--schemes", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                    help="comma-separated: fp and recipe names/paths "
+                         "(default: fp,q8_0,naive-w8a8,w8a8-static,w8a8)")
+    sp.add_argument("--calib-prompts", type=Path, help="calibration prompts (default: shapes-calib.txt)")
+    sp.add_argument("--num-prompts", type=int, help="calibration prompts to use (default: 32)")
+    sp.set_defaults(func=_run_compare, out=None)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from diffq.integrations.compare import CompareSettings, format_table, run_compare
+
+    s = _settings(CompareSettings, args)
+    rows = run_compare(s, progress=not args.no_progress)
+    print(format_table(rows, {"num_images": s.num_images, "steps": s.steps, "guidance": s.guidance,
+                              "seeds": [s.seed, s.seed + s.num_images - 1], "features": "see compare.md"}))
+    print(f"-> {s.out}/compare.md, grid.png")
+    return 0
 
 
 def _add_calibrate(sp: argparse.ArgumentParser) -> None:
@@ -82,12 +106,12 @@ def _add_eval(sp: argparse.ArgumentParser) -> None:
                     "omitted: the FP pipeline against itself")
     sp.add_argument("--prompts", type=Path, help="UTF-8 prompt file, one per line "
                     "(default: samples/prompts/shapes-eval.txt)")
-    sp.add_argument("--num-images", type=int, default=64)
-    sp.add_argument("--steps", type=int, default=20)
-    sp.add_argument("--guidance", type=float, default=5.0)
-    sp.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--out", type=Path, default=Path("out/eval"))
+    sp.add_argument("--num-images", type=int, help="default 64")
+    sp.add_argument("--steps", type=int, help="default 20")
+    sp.add_argument("--guidance", type=float, help="default 5.0")
+    sp.add_argument("--seed", type=int, help="image i uses seed SEED + i (default 0)")
+    sp.add_argument("--batch-size", type=int, help="default 16")
+    sp.add_argument("--out", type=Path, help="output directory (default: out/eval, out/compare)")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--evaluator", type=Path, help="shapes-domain evaluator (default: samples/tiny-clip)")
     sp.add_argument("--real-images", type=Path, help="directory of reference images for FID")

@@ -160,3 +160,19 @@ def run_calibration(model: nn.Module, data: Iterable[Any], collector: Activation
             n += 1
     if n == 0:
         raise CalibrationError("the calibration data is empty")
+
+
+def unsplit(st: LayerStats) -> LayerStats:
+    """Statistics of the whole input from per-segment statistics (for recipes that do not
+    split the skip concat): min of minima, max of maxima, histograms folded and summed."""
+    if st.minmax.shape[-1] == 1:
+        return st
+    mm = torch.stack([st.minmax[:, 0].amin(-1), st.minmax[:, 1].amax(-1)], dim=1)[..., None]
+    e = st.exponent.amax(-1, keepdim=True)
+    hist = sum(_fold_rows(st.hist[:, s], e[:, 0] - st.exponent[:, s])
+               for s in range(st.minmax.shape[-1]))
+    return LayerStats(st.timesteps, mm, hist[:, None], e)
+
+
+def _fold_rows(hist: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    return torch.stack([H.fold(h, int(k)) for h, k in zip(hist, shifts)])

@@ -18,8 +18,8 @@ from diffq.calib.collector import LayerStats
 from diffq.checkpoint import save
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
-from diffq.integrations.pipeline import default_model_dir, load_pipeline
-from diffq.integrations.unet import skip_concat_segments
+from diffq.integrations.pipeline import check_pipeline_dir, default_model_dir, load_pipeline
+from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import read_prompts, writing_directory
 from diffq.nn.convert import plan_layers
 
@@ -74,6 +74,7 @@ def _check(s: CalibrateSettings) -> list[str]:
         raise InputError(f"--num-prompts must be at least 1, got {s.num_prompts}")
     if s.out.exists() and not s.overwrite:
         raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
+    check_pipeline_dir(s.model)
     return read_prompts(s.prompts)[: s.num_prompts]
 
 
@@ -82,7 +83,8 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     prompts = _check(s)
     recipe = load_recipe(s.recipe)
-    pipe = load_pipeline(s.model)
+    check_groups(recipe, s.steps)
+    pipe = load_pipeline(s.model, progress=progress)
     unet = pipe.unet
     fp_bytes = weight_bytes(unet)
     segments = skip_concat_segments(unet)

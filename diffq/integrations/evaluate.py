@@ -12,8 +12,9 @@ from diffq.checkpoint import read_meta
 from diffq.errors import InputError
 from diffq.eval import metrics, shapes
 from diffq.eval.report import write_eval_report
-from diffq.integrations.pipeline import (apply_quantized, default_model_dir, denoiser_name,
-                                         generate, load_pipeline, quantized_components)
+from diffq.integrations.pipeline import (apply_quantized, check_pipeline_dir, default_model_dir,
+                                         denoiser_name, generate, load_pipeline,
+                                         quantized_components)
 from diffq.io import read_prompts, writing_directory
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -37,7 +38,8 @@ class EvalSettings:
     inception_weights: Path | None = None
 
 
-def _check(s: EvalSettings) -> list[str]:
+def check_settings(s) -> list[str]:
+    """Validate the options shared by eval and compare; returns N prompts (cycled)."""
     if s.num_images < 1:
         raise InputError(f"--num-images must be at least 1, got {s.num_images}")
     if s.steps < 1:
@@ -48,13 +50,17 @@ def _check(s: EvalSettings) -> list[str]:
                    ("--real-images", s.real_images)):
         if p is not None and not Path(p).is_dir():
             raise InputError(f"{opt} directory {p} does not exist")
+    check_pipeline_dir(s.model)
+    quantized = getattr(s, "quantized", None)
+    if quantized is not None:
+        quantized_components(quantized)
     if s.inception_weights is not None and not Path(s.inception_weights).is_file():
         raise InputError(f"--inception-weights file {s.inception_weights} does not exist")
     prompts = read_prompts(s.prompts)
     return [prompts[i % len(prompts)] for i in range(s.num_images)]
 
 
-def _real_images(s: EvalSettings, size: int) -> tuple[torch.Tensor, str]:
+def real_images(s, size: int) -> tuple[torch.Tensor, str]:
     if s.real_images is not None:
         from PIL import Image
 
@@ -69,7 +75,7 @@ def _real_images(s: EvalSettings, size: int) -> tuple[torch.Tensor, str]:
     return images, f"{n} rendered shapes-eval images"
 
 
-def _scorers(s: EvalSettings):
+def scorers(s):
     """(clip_score(images, prompts), fid(real, fake), description)."""
     if s.clip_model is not None or s.inception_weights is not None:
         if s.clip_model is None or s.inception_weights is None:
@@ -84,25 +90,32 @@ def _scorers(s: EvalSettings):
             f"shipped tiny-clip evaluator ({s.evaluator.name}; valid for the shapes domain only)")
 
 
+def score(fp_imgs, q_imgs, prompts, clip_fn, fid_fn, real) -> dict:
+    """Paired PSNR/SSIM against the FP images, CLIP score and FID of the quantized images."""
+    a, b = shapes.to_tensor(fp_imgs), shapes.to_tensor(q_imgs)
+    return {"psnr_db": metrics.psnr(b, a), "ssim": metrics.ssim(b, a),
+            "clip_score": clip_fn(b, prompts), "fid": fid_fn(real, b)}
+
+
 def run_eval(s: EvalSettings, progress: bool = True) -> dict:
     """Generate, score and write report.json / report.md / grid.png into `s.out` (atomic)."""
-    prompts = _check(s)
+    prompts = check_settings(s)
     seeds = [s.seed + i for i in range(s.num_images)]
-    fp = load_pipeline(s.model)
-    qp = load_pipeline(s.model)
+    fp = load_pipeline(s.model, progress=progress)
+    qp = load_pipeline(s.model, progress=progress)
     scheme, comps = "fp", [denoiser_name(fp)]
     if s.quantized is not None:
         comps = apply_quantized(qp, s.quantized)
         recipe = read_meta(quantized_components(s.quantized)[comps[0]]).get("recipe") or {}
         scheme = recipe.get("name", "quantized")
-    clip_fn, fid_fn, features = _scorers(s)
+    clip_fn, fid_fn, features = scorers(s)
     t0 = time.perf_counter()
     kw = dict(steps=s.steps, guidance=s.guidance, batch_size=s.batch_size, progress=progress)
     fp_imgs = generate(fp, prompts, seeds, desc="FP images", **kw)
     q_imgs = generate(qp, prompts, seeds, desc=f"{scheme} images", **kw)
     gen_s = time.perf_counter() - t0
-    a, b = shapes.to_tensor(fp_imgs), shapes.to_tensor(q_imgs)
-    real, real_desc = _real_images(s, a.shape[-1])
+    a = shapes.to_tensor(fp_imgs)
+    real, real_desc = real_images(s, a.shape[-1])
     report = {
         "scheme": scheme, "model": str(s.model), "quantized": str(s.quantized or ""),
         "num_images": s.num_images, "steps": s.steps, "guidance": s.guidance, "seeds": seeds,
@@ -111,11 +124,8 @@ def run_eval(s: EvalSettings, progress: bool = True) -> dict:
         "weight_bytes_fp": sum(weight_bytes(getattr(fp, c)) for c in comps),
         "features": f"{features}; FID reference: {real_desc}",
         "generation_seconds": round(gen_s, 2),
-        "metrics": {
-            "psnr_db": metrics.psnr(b, a), "ssim": metrics.ssim(b, a),
-            "clip_score": clip_fn(b, prompts), "clip_score_fp": clip_fn(a, prompts),
-            "fid": fid_fn(real, b), "fid_fp": fid_fn(real, a),
-        },
+        "metrics": {**score(fp_imgs, q_imgs, prompts, clip_fn, fid_fn, real),
+                    "clip_score_fp": clip_fn(a, prompts), "fid_fp": fid_fn(real, a)},
     }
     with writing_directory(s.out, s.overwrite) as tmp:
         write_eval_report(tmp, report, fp_imgs, q_imgs)

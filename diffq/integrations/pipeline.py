@@ -18,12 +18,22 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "samples" / "tiny-sd"
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a local directory, with its progress bar off."""
+def check_pipeline_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    return path
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True):
+    """A diffusers pipeline from a local directory, with its sampling progress bar off."""
+    path = check_pipeline_dir(path)
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        (lib.enable_progress_bar if progress else lib.disable_progress_bar)()
 
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)

@@ -1,0 +1,124 @@
+"""`diffq compare`: several schemes on the same prompts and seeds, one table and one grid.
+
+Activation statistics are collected once on the FP UNet (with skip-concat halves kept apart)
+and shared by every scheme, so schemes differ only in how they turn statistics into scales.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffq.api import collect_stats, quantize, static_layers, weight_bytes
+from diffq.calib.collector import unsplit
+from diffq.core.recipe import load_recipe
+from diffq.eval.grid import image_grid
+from diffq.integrations.evaluate import (SAMPLES, EvalSettings, check_settings, real_images,
+                                         score, scorers)
+from diffq.integrations.pipeline import generate, load_pipeline
+from diffq.integrations.unet import check_groups, skip_concat_segments
+from diffq.io import read_prompts, writing_directory
+from diffq.nn.convert import plan_layers
+
+DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
+
+
+@dataclass
+class CompareSettings(EvalSettings):
+    schemes: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEMES))
+    calib_prompts: Path = SAMPLES / "prompts" / "shapes-calib.txt"
+    num_prompts: int = 32
+    out: Path = Path("out/compare")
+
+
+def _shared_stats(pipe, recipes, s: CompareSettings, progress: bool):
+    """One collection on the FP UNet covering every static layer of every recipe."""
+    unet = pipe.unet
+    segments = skip_concat_segments(unet)
+    layers = {}
+    for r in recipes:
+        plans, _ = plan_layers(unet, r)
+        layers.update(static_layers(unet, plans, segments))
+    if not layers:
+        return {}
+    prompts = read_prompts(s.calib_prompts)[: s.num_prompts]
+    import torch
+
+    def drive():
+        for i in range(0, len(prompts), s.batch_size):
+            batch = prompts[i:i + s.batch_size]
+            gens = [torch.Generator().manual_seed(s.seed + 10_000 + i + k) for k in range(len(batch))]
+            pipe(batch, num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens,
+                 output_type="latent")
+
+    return collect_stats(unet, layers, drive, progress=progress)
+
+
+def _stats_for(recipe, unet, stats, segments):
+    plans, _ = plan_layers(unet, recipe)
+    split = {n for n, p in plans.items() if p.activations is not None and p.activations.split_skip}
+    return {n: (st if n in split else unsplit(st)) for n, st in stats.items() if n in plans}
+
+
+def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
+    prompts = check_settings(s)
+    recipes = {name: load_recipe(name) for name in s.schemes if name != "fp"}
+    for r in recipes.values():
+        check_groups(r, s.steps)
+    seeds = [s.seed + i for i in range(s.num_images)]
+    pipe = load_pipeline(s.model, progress=progress)
+    fp_unet = pipe.unet
+    clip_fn, fid_fn, features = scorers(s)
+    kw = dict(steps=s.steps, guidance=s.guidance, batch_size=s.batch_size, progress=progress)
+    t0 = time.perf_counter()
+    fp_imgs = generate(pipe, prompts, seeds, desc="fp", **kw)
+    fp_seconds = (time.perf_counter() - t0) / len(prompts)
+    real, real_desc = real_images(s, fp_imgs[0].size[0])
+    stats = _shared_stats(pipe, recipes.values(), s, progress)
+    segments = skip_concat_segments(fp_unet)
+    fp_bytes = weight_bytes(fp_unet)
+    rows, grid_rows = [], []
+    for name in s.schemes:
+        if name == "fp":
+            imgs, secs, wbytes = fp_imgs, fp_seconds, fp_bytes
+        else:
+            unet = copy.deepcopy(fp_unet)
+            quantize(unet, recipes[name], segments=segments,
+                     stats=_stats_for(recipes[name], unet, stats, segments))
+            pipe.unet = unet
+            t0 = time.perf_counter()
+            imgs = generate(pipe, prompts, seeds, desc=name, **kw)
+            secs = (time.perf_counter() - t0) / len(prompts)
+            wbytes = weight_bytes(unet)
+            pipe.unet = fp_unet
+        m = score(fp_imgs, imgs, prompts, clip_fn, fid_fn, real)
+        rows.append({"scheme": name, **m, "weight_bytes": wbytes,
+                     "weight_ratio_bf16": wbytes / fp_bytes, "seconds_per_image": secs})
+        grid_rows.append(imgs[:8])
+    with writing_directory(s.out, s.overwrite) as tmp:
+        meta = {"model": str(s.model), "prompts": str(s.prompts), "num_images": s.num_images,
+                "steps": s.steps, "guidance": s.guidance, "seeds": [seeds[0], seeds[-1]],
+                "calibration_prompts": s.num_prompts, "features": f"{features}; FID reference: {real_desc}"}
+        safe = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()}
+                for r in rows]
+        (tmp / "compare.json").write_text(json.dumps({**meta, "rows": safe}, indent=1))
+        image_grid(grid_rows, s.schemes, scale=2).save(tmp / "grid.png")
+        (tmp / "compare.md").write_text(format_table(rows, meta) + "\n![same prompts and seeds, "
+                                        "one row per scheme](grid.png)\n")
+    return rows
+
+
+def format_table(rows: list[dict], meta: dict) -> str:
+    head = (f"{meta['num_images']} images, {meta['steps']} steps, guidance {meta['guidance']}, "
+            f"seeds {meta['seeds'][0]}..{meta['seeds'][1]}; features: {meta['features']}\n\n")
+    lines = ["| scheme | PSNR dB | SSIM | CLIP | FID | weight bytes (x bf16) | s / image (reference path) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        psnr = "inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.2f}"
+        lines.append(f"| {r['scheme']} | {psnr} | {r['ssim']:.4f} | {r['clip_score']:.2f} | "
+                     f"{r['fid']:.3f} | {r['weight_bytes']:,} ({r['weight_ratio_bf16']:.3f}) | "
+                     f"{r['seconds_per_image']:.3f} |")
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,148 @@
+"""diffq calibrate / eval / compare end to end on the shipped reference pipeline (few steps)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffq import cli
+from diffq.integrations import calibrate as calibrate_mod
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = Path(os.environ.get("DIFFQ_TEST_PIPELINE", ROOT / "samples" / "tiny-sd"))
+EVALUATOR = ROOT / "samples" / "tiny-clip"
+FAST = ["--steps", "4", "--batch-size", "2", "--no-progress"]
+
+
+def run(*args: str) -> int:
+    return cli.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "w8a8"
+    assert run("calibrate", "--model", MODEL, "--num-prompts", "2", "--out", out, *FAST) == 0
+    return out
+
+
+def test_calibrate_writes_the_quantized_pipeline(calibrated):
+    assert (calibrated / "unet" / "diffq.json").is_file()
+    meta = json.loads((calibrated / "unet" / "diffq.json").read_text())
+    assert meta["recipe"]["name"] == "w8a8"
+    tensors = load_file(str(calibrated / "unet" / "model.safetensors"))
+    assert any(k.endswith("qweight") and v.dtype == torch.int8 for k, v in tensors.items())
+    report = json.loads((calibrated / "report.json").read_text())
+    assert report["weight_bytes"] < 0.6 * report["weight_bytes_fp"]
+    assert report["plotted_layers"] and (calibrated / "activation_ranges.png").stat().st_size > 1000
+    assert "conv_in" in report["skipped"]
+    split = [n for n, s in meta["layers"].items() if s["segments"] and len(s["segments"]) == 2]
+    assert split and all(".resnets." in n for n in split)
+    assert not list(calibrated.parent.glob(".*"))  # no partial or cache directories left
+
+
+def test_eval_reports_metrics(calibrated, tmp_path):
+    out = tmp_path / "ev"
+    assert run("eval", "--model", MODEL, "--quantized", calibrated, "--num-images", "2",
+               "--out", out, *FAST) == 0
+    r = json.loads((out / "report.json").read_text())
+    for key in ("scheme", "num_images", "steps", "weight_bytes", "weight_bytes_fp"):
+        assert key in r
+    m = r["metrics"]
+    assert set(m) >= {"psnr_db", "ssim", "clip_score", "clip_score_fp", "fid", "fid_fp"}
+    assert r["scheme"] == "w8a8" and 15 < m["psnr_db"] < 100 and 0.5 < m["ssim"] < 1
+    assert (out / "grid.png").is_file() and "PSNR" in (out / "report.md").read_text()
+
+
+def test_eval_fp_against_itself(tmp_path):
+    out = tmp_path / "ev"
+    assert run("eval", "--model", MODEL, "--num-images", "2", "--out", out, *FAST) == 0
+    m = json.loads((out / "report.json").read_text())["metrics"]
+    assert m["psnr_db"] == "inf" and m["ssim"] == pytest.approx(1.0)
+    assert m["clip_score"] == m["clip_score_fp"] and m["fid"] == m["fid_fp"]
+
+
+def _one_line_exit_2(capsys, *args):
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err
+    return err
+
+
+def test_bad_input_gives_one_line(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("un carr\xe9 rouge\n".encode("latin-1"))
+    out = tmp_path / "out"
+    cases = [
+        (["eval", "--model", tmp_path / "nope"], "not a diffusers pipeline"),
+        (["calibrate", "--model", tmp_path / "nope"], "not a diffusers pipeline"),
+        (["eval", "--model", MODEL, "--prompts", empty], "no prompts"),
+        (["eval", "--model", MODEL, "--prompts", blank], "no prompts"),
+        (["calibrate", "--model", MODEL, "--prompts", latin], "not UTF-8"),
+        (["eval", "--model", MODEL, "--prompts", tmp_path / "missing.txt"], "does not exist"),
+        (["eval", "--model", MODEL, "--num-images", "0"], "--num-images"),
+        (["calibrate", "--model", MODEL, "--steps", "0"], "--steps"),
+        (["calibrate", "--model", MODEL, "--recipe", "w3a3"], "unknown recipe"),
+        (["calibrate", "--model", MODEL, "--steps", "2"], "timestep groups"),
+        (["eval", "--model", MODEL, "--quantized", tmp_path / "nope"], "does not exist"),
+    ]
+    for args, needle in cases:
+        err = _one_line_exit_2(capsys, *args, "--out", out)
+        assert needle in err, (args, err)
+        assert not out.exists()
+    out.mkdir()
+    assert "exists" in _one_line_exit_2(capsys, "calibrate", "--model", MODEL, "--out", out)
+
+
+def test_quantized_dir_of_another_model(capsys, tmp_path):
+    import diffq
+    from tests.conftest import ToyUNet
+
+    other = tmp_path / "other"
+    diffq.save(diffq.quantize(ToyUNet(), "w8"), other)
+    err = _one_line_exit_2(capsys, "eval", "--model", MODEL, "--quantized", other,
+                           "--out", tmp_path / "o", *FAST)
+    assert "another architecture" in err or "shape" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_calibration_resumes_to_the_same_statistics(tmp_path, monkeypatch):
+    out = tmp_path / "w8a8"
+    real = calibrate_mod.collect_stats
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    args = ["calibrate", "--model", MODEL, "--num-prompts", "2", *FAST, "--batch-size", "1"]
+    assert run(*args, "--out", tmp_path / "whole") == 0
+    monkeypatch.setattr(calibrate_mod, "collect_stats", flaky)
+    args += ["--out", out]
+    assert run(*args) == 130
+    assert not out.exists() and (tmp_path / ".w8a8.calib-cache").is_dir()
+    assert run(*args, "--resume") == 0
+    assert calls["n"] == 3  # the second batch ran again, the first did not
+    resumed = load_file(str(out / "stats.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "stats.safetensors"))
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(resumed[k], whole[k]), k
+
+
+def test_compare_table(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run("compare", "--model", MODEL, "--schemes", "fp,naive-w8a8,w8a8", "--num-images", "2",
+               "--num-prompts", "2", "--out", out, *FAST) == 0
+    table = capsys.readouterr().out
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["scheme"] for r in rows] == ["fp", "naive-w8a8", "w8a8"]
+    assert rows[0]["psnr_db"] == "inf" and rows[2]["psnr_db"] > 15
+    assert "| w8a8 |" in table and (out / "grid.png").is_file()
