@@ -5,5 +5,17 @@ from diffq.nn.qconv2d import QConv2d
 from diffq.nn.qlinear import QLinear
 from diffq.nn.timestep import TimestepClock, install_clock
 
-__all__ = ["ActivationQuantizer", "QuantizedLayer", "QConv2d", "QLinear", "TimestepClock",
+__all__ = ["ActivationQuantizer", "QuantizedLayer", "QConv2d", "QLinear", "TimestepClock", "set_backend",
            "install_clock"]
+
+
+def set_backend(model, backend: str) -> None:
+    """Choose the compute path of every quantized layer: "auto" (fastest available kernel,
+    e.g. oneDNN int8 on x86) or "reference" (dequantize and run the float op)."""
+    from diffq.ops import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer):
+            m.backend = backend

@@ -63,7 +63,8 @@ class ActivationQuantizer(nn.Module):
             sizes = torch.tensor(self.segments, device=scale.device)
             scale = scale.repeat_interleave(sizes)
             zp = None if zp is None else zp.repeat_interleave(sizes)
-        return ActQuant(fmt, self.feature_axis, scale=scale, zero_point=zp)
+        return ActQuant(fmt, self.feature_axis, scale=scale, zero_point=zp,
+                        segments=tuple(self.segments))
 
     def extra_repr(self) -> str:
         s = f"{self.spec.format}, {self.spec.mode}"

@@ -28,6 +28,8 @@ class QuantizedLayer(nn.Module):
     ) -> None:
         self.weight_spec = qw.spec
         self.weight_shape = qw.shape
+        self.backend = "auto"  # "reference" forces the dequantize-and-float path
+        self.kernel_cache: dict = {}  # prepacked weights of fast backends; rebuilt on demand
         self.register_buffer("qweight", qw.data)
         self.register_buffer("weight_scale", qw.scale)
         if qw.zero_point is not None:
@@ -60,7 +62,12 @@ class QuantizedLayer(nn.Module):
     def weight_nbytes(self) -> int:
         return self.quantized_weight.nbytes
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.kernel_cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def _apply(self, fn, recurse=True):
+        self.kernel_cache.clear()
         kept = {n: getattr(self, n) for n in _STORAGE if getattr(self, n, None) is not None}
         super()._apply(fn, recurse)
         for name, old in kept.items():

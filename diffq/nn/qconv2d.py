@@ -27,7 +27,7 @@ class QConv2d(QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.conv2d(x, self.quantized_weight, self.bias, self.act_params(), self.stride,
-                          self.padding, self.dilation, self.groups)
+                          self.padding, self.dilation, self.groups, self.kernel_cache, self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

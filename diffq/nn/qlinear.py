@@ -22,7 +22,8 @@ class QLinear(QuantizedLayer):
         self._init_quantized(qw, linear.bias, activations, segments or [linear.in_features])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.quantized_weight, self.bias, self.act_params())
+        return ops.linear(x, self.quantized_weight, self.bias, self.act_params(),
+                          self.kernel_cache, self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weights={self.weight_spec.format}"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from diffq.core.weights import QuantizedWeight
-from diffq.ops import reference
+from diffq.ops import onednn, reference
 from diffq.ops.types import ActQuant
+
+BACKENDS = ("auto", "reference")
 
 __all__ = ["ActQuant", "linear", "conv2d", "quantize_activation"]
 
@@ -15,9 +17,13 @@ quantize_activation = reference.quantize_activation
 
 
 def linear(
-    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None,
+    cache: dict | None = None, backend: str = "auto",
 ) -> torch.Tensor:
-    """y = x @ W^T + b with W quantized and, when `act` is given, x quantized. x: [..., K]."""
+    """y = x @ W^T + b with W quantized and, when `act` is given, x quantized. x: [..., K].
+    `cache` is the calling module's store for prepacked weights."""
+    if backend == "auto" and cache is not None and onednn.accepts(x, weight, act):
+        return onednn.linear(x, weight, bias, act, cache)
     return reference.linear(x, weight, bias, act)
 
 
@@ -30,6 +36,10 @@ def conv2d(
     padding: tuple[int, int] | str,
     dilation: tuple[int, int],
     groups: int,
+    cache: dict | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """2-D convolution of x [N, C, H, W] with a quantized weight [O, C/groups, kh, kw]."""
+    if backend == "auto" and cache is not None and onednn.accepts_conv(x, weight, act, padding, groups):
+        return onednn.conv2d(x, weight, bias, act, stride, padding, dilation, groups, cache)
     return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)

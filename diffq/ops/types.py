@@ -22,3 +22,4 @@ class ActQuant:
     dynamic: bool = False
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
+    segments: tuple[int, ...] | None = None  # channel segments with their own scale

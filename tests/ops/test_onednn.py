@@ -1,0 +1,96 @@
+"""The oneDNN int8 path against the reference path (same codes; int32 accumulation is exact,
+so outputs agree to float rounding: relative error < 1e-5 in fp32, < 1e-2 in bf16)."""
+import pytest
+import torch
+from torch import nn
+
+from diffq.core.recipe import ActivationSpec, WeightSpec
+from diffq.nn import QConv2d, QLinear, set_backend
+from diffq.ops import onednn
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
+
+W8 = WeightSpec("int8", "per_channel", clip="mse")
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _static(layer, x, segments=None):
+    q = layer.input_quant
+    if segments:
+        parts = torch.split(x, segments, dim=1)
+        scale = torch.stack([p.abs().max() / 127 for p in parts]).reshape(1, -1)
+    else:
+        scale = (x.abs().max() / 127).reshape(1, 1)
+    q.set_table(scale, torch.zeros(0))
+    return layer
+
+
+def _both(layer, x):
+    with torch.no_grad():
+        set_backend(layer, "reference")
+        ref = layer(x)
+        set_backend(layer, "auto")
+        fast = layer(x)
+    return ref, fast
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 64), (33, 128), (1, 1, 96)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_linear_matches_reference(shape, dtype, tol, gen):
+    lin = nn.Linear(shape[-1], 48)
+    x = torch.randn(*shape, generator=gen)
+    layer = _static(QLinear(lin, W8, ActivationSpec()), x).to(dtype)
+    ref, fast = _both(layer, x.to(dtype))
+    assert fast.dtype == dtype and fast.shape == ref.shape
+    assert ("linear", layer.qweight.data_ptr()) in layer.kernel_cache  # the fast path ran
+    assert _rel(fast, ref) < tol
+
+
+CONVS = [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+         dict(kernel_size=1), dict(kernel_size=3, padding=1, bias=False),
+         dict(kernel_size=3, padding=2, dilation=2)]
+
+
+@pytest.mark.parametrize("kw", CONVS, ids=str)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_conv_matches_reference(kw, dtype, tol, gen):
+    conv = nn.Conv2d(32, 24, **kw)
+    x = torch.randn(2, 32, 10, 10, generator=gen)
+    layer = _static(QConv2d(conv, W8, ActivationSpec()), x).to(dtype)
+    ref, fast = _both(layer, x.to(dtype))
+    assert any(k[0] == "conv" for k in layer.kernel_cache if isinstance(k, tuple))
+    assert _rel(fast, ref) < tol
+
+
+def test_conv_with_skip_split_scales(gen):
+    conv = nn.Conv2d(48, 16, 3, padding=1)
+    x = torch.cat([torch.randn(2, 32, 8, 8, generator=gen),
+                   20 * torch.randn(2, 16, 8, 8, generator=gen)], dim=1)  # skip half is larger
+    layer = _static(QConv2d(conv, W8, ActivationSpec(split_skip=True), segments=[32, 16]), x, [32, 16])
+    ref, fast = _both(layer, x)
+    assert ("conv", 1, layer.qweight.data_ptr()) in layer.kernel_cache
+    assert _rel(fast, ref) < 1e-5
+
+
+def test_unsupported_calls_fall_back(gen):
+    lin = nn.Linear(64, 32)
+    x = torch.randn(4, 64, generator=gen)
+    dyn = QLinear(lin, W8, ActivationSpec(mode="dynamic", granularity="per_token"))
+    w4 = QLinear(lin, WeightSpec("int4", "per_group", group_size=32), None)
+    with torch.no_grad():
+        dyn(x), w4(x)
+    assert not dyn.kernel_cache and not w4.kernel_cache
+
+
+def test_cache_follows_reloaded_weights(gen):
+    lin = nn.Linear(64, 32)
+    x = torch.randn(4, 64, generator=gen)
+    a = _static(QLinear(lin, W8, ActivationSpec()), x)
+    b = _static(QLinear(nn.Linear(64, 32), W8, ActivationSpec()), x)
+    with torch.no_grad():
+        b(x)
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(a(x), b(x))
