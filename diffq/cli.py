@@ -34,7 +34,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(parsers["eval"])
     _add_calibrate(parsers["calibrate"])
     _add_compare(parsers["compare"])
+    _add_bench(parsers["bench"])
     return p
+
+
+def _add_bench(sp: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    sp.add_argument("--model", help="pipeline directory, 'tiny-sd' (default) or 'sd15' "
+                    "(SD1.5-architecture UNet with random weights)")
+    sp.add_argument("--recipe", help="default w8a8")
+    sp.add_argument("--batch", type=int, help="UNet batch (default 2: guidance doubles it)")
+    sp.add_argument("--repeats", type=int, help="timed runs per measurement (median; default 5)")
+    sp.add_argument("--warmup", type=int)
+    sp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sp.add_argument("--layers", type=int, help="per-layer rows: the N largest layers (default 4)")
+    sp.add_argument("--out", type=Path, help="write the result as JSON to this file")
+    sp.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from diffq.integrations.bench import BenchSettings, format_bench, run_bench
+
+    s = _settings(BenchSettings, args)
+    r = run_bench(s)
+    print(format_bench(r))
+    if s.out is not None:
+        s.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = s.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(r, indent=1))
+        tmp.replace(s.out)
+    return 0
 
 
 def _add_compare(sp: argparse.ArgumentParser) -> None:

@@ -1,0 +1,172 @@
+"""`diffq bench`: FP32 vs bf16 vs quantized, per layer and per UNet step, in one run.
+
+Times are medians of repeated runs after warm-up, on the same inputs; ratios are against bf16
+(the baseline a CPU user would pick). The quantized model keeps its float ops in bf16 and runs
+W8A8 layers through the fastest available backend (oneDNN int8 on x86).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffq.api import quantize, weight_bytes
+from diffq.errors import InputError
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)  # Stable Diffusion 1.5's published unet/config.json (860 M parameters)
+
+
+@dataclass
+class BenchSettings:
+    model: str = "tiny-sd"      # a pipeline directory, "tiny-sd" or "sd15" (random weights)
+    recipe: str = "w8a8"
+    batch: int = 2              # classifier-free guidance doubles the batch
+    repeats: int = 5
+    warmup: int = 2
+    threads: int | None = None
+    out: Path | None = None
+    layers: int = 4             # per-layer table: the N layers with the most MACs
+    extra: dict = field(default_factory=dict)
+
+
+def _median_seconds(fn, repeats: int, warmup: int) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _unet_and_inputs(s: BenchSettings):
+    from diffusers import UNet2DConditionModel
+
+    if s.model == "sd15":
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET).eval()
+    else:
+        from diffq.integrations.pipeline import default_model_dir
+
+        path = default_model_dir() if s.model == "tiny-sd" else Path(s.model)
+        if not (path / "unet" / "config.json").is_file():
+            raise InputError(f"{path} has no unet/ to benchmark")
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet").float().eval()
+    cfg = unet.config
+    g = torch.Generator().manual_seed(0)
+    size = cfg.sample_size
+    x = torch.randn(s.batch, cfg.in_channels, size, size, generator=g)
+    ctx = torch.randn(s.batch, 77 if s.model == "sd15" else 32, cfg.cross_attention_dim, generator=g)
+    return unet, x, ctx
+
+
+def _calls(x, ctx, n=4):
+    g = torch.Generator().manual_seed(1)
+    return [((torch.randn(x.shape, generator=g), torch.tensor(float(t))), {"encoder_hidden_states": ctx})
+            for t in torch.linspace(999, 1, n).round().tolist()]
+
+
+def _layer_inputs(unet, x, ctx, top: int) -> dict[str, torch.Tensor]:
+    """Inputs of the `top` Linear/Conv2d layers with the most multiply-accumulates."""
+    seen: dict[str, tuple[int, torch.Tensor]] = {}
+    hooks = []
+    for name, m in unet.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            def hook(mod, args, name=name):
+                a = args[0]
+                if isinstance(mod, nn.Linear):
+                    macs = a.numel() // a.shape[-1] * mod.in_features * mod.out_features
+                else:
+                    macs = a.shape[0] * a.shape[-1] * a.shape[-2] * mod.weight.numel()
+                if name not in seen or seen[name][0] < macs:
+                    seen[name] = (macs, a.detach().clone())
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.inference_mode():
+        unet(x, torch.tensor(500.0), encoder_hidden_states=ctx)
+    for h in hooks:
+        h.remove()
+    best = sorted(seen, key=lambda n: -seen[n][0])[:top]
+    return {n: seen[n][1] for n in best}
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def run_bench(s: BenchSettings, progress: bool = True) -> dict:
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    unet, x, ctx = _unet_and_inputs(s)
+    t = torch.tensor(500.0)
+    inputs = _layer_inputs(unet, x, ctx, s.layers)
+    rss0 = _rss()
+    bf16 = copy.deepcopy(unet).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    rss_bf16 = _rss() - rss0
+    from diffq.integrations.unet import skip_concat_segments
+
+    q = copy.deepcopy(unet)
+    rss1 = _rss()
+    quantize(q, s.recipe, calibration=_calls(x, ctx), segments=skip_concat_segments(q))
+    q = q.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    rss_q = _rss() - rss1
+    variants = {
+        "fp32": (unet, x, ctx),
+        "bf16": (bf16, x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), ctx.bfloat16()),
+        "quantized": (q, x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), ctx.bfloat16()),
+    }
+    step = {}
+    for name, (model, xi, ci) in variants.items():
+        step[name] = _median_seconds(lambda: model(xi, t, encoder_hidden_states=ci), s.repeats, s.warmup)
+    layers = []
+    for lname, inp in inputs.items():
+        row = {"layer": lname, "input": list(inp.shape)}
+        for name, (model, _, _) in variants.items():
+            m = model.get_submodule(lname)
+            dt = torch.float32 if name == "fp32" else torch.bfloat16
+            xi = inp.to(dt)
+            if xi.dim() == 4:
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            clock = getattr(getattr(m, "input_quant", None), "clock", None)
+            if clock is not None:
+                clock.value = 500.0
+            row[name] = _median_seconds(lambda: m(xi), s.repeats * 4, s.warmup)
+        layers.append(row)
+    result = {
+        "model": s.model, "recipe": s.recipe, "batch": s.batch, "threads": torch.get_num_threads(),
+        "step_seconds": step,
+        "step_speedup_vs_bf16": {k: step["bf16"] / v for k, v in step.items()},
+        "weight_bytes": {"fp32": weight_bytes(unet, None), "bf16": weight_bytes(unet),
+                         "quantized": weight_bytes(q)},
+        "resident_bytes_added": {"bf16": rss_bf16, "quantized": rss_q},
+        "layers": layers,
+    }
+    return result
+
+
+def format_bench(r: dict) -> str:
+    st, sp, wb = r["step_seconds"], r["step_speedup_vs_bf16"], r["weight_bytes"]
+    lines = [f"model {r['model']}, recipe {r['recipe']}, batch {r['batch']}, {r['threads']} threads",
+             "", "| UNet step | seconds | speed vs bf16 | weight bytes |", "|---|---|---|---|"]
+    for k in ("fp32", "bf16", "quantized"):
+        lines.append(f"| {k} | {st[k]:.4f} | {sp[k]:.2f}x | {wb[k]:,} |")
+    lines += ["", "| layer | input | fp32 ms | bf16 ms | quantized ms | quantized vs bf16 |",
+              "|---|---|---|---|---|---|"]
+    for row in r["layers"]:
+        lines.append(f"| {row['layer']} | {row['input']} | {row['fp32'] * 1e3:.3f} | "
+                     f"{row['bf16'] * 1e3:.3f} | {row['quantized'] * 1e3:.3f} | "
+                     f"{row['bf16'] / row['quantized']:.2f}x |")
+    return "\n".join(lines)
