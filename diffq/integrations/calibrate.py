@@ -31,7 +31,7 @@ class CalibrateSettings:
     model: Path = default_model_dir()
     prompts: Path = SAMPLES / "prompts" / "shapes-calib.txt"
     recipe: str = "w8a8"
-    num_prompts: int = 32
+    num_prompts: int = 128
     steps: int = 20
     guidance: float = 5.0
     seed: int = 0

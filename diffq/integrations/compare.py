@@ -114,7 +114,7 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
 def format_table(rows: list[dict], meta: dict) -> str:
     head = (f"{meta['num_images']} images, {meta['steps']} steps, guidance {meta['guidance']}, "
             f"seeds {meta['seeds'][0]}..{meta['seeds'][1]}; features: {meta['features']}\n\n")
-    lines = ["| scheme | PSNR dB | SSIM | CLIP | FID | weight bytes (x bf16) | s / image (reference path) |",
+    lines = ["| scheme | PSNR dB | SSIM | CLIP | FID | weight bytes (x bf16) | s / image |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = "inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.2f}"
