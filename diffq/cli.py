@@ -98,7 +98,7 @@ def _add_calibrate(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--model", type=Path, help="diffusers pipeline directory (default: samples/tiny-sd)")
     sp.add_argument("--prompts", type=Path, help="UTF-8 prompt file (default: samples/prompts/shapes-calib.txt)")
     sp.add_argument("--recipe", help="built-in recipe name or YAML path (default: w8a8)")
-    sp.add_argument("--num-prompts", type=int, help="use the first N prompts (default: 32)")
+    sp.add_argument("--num-prompts", type=int, help="use the first N prompts (default: 128)")
     sp.add_argument("--steps", type=int, help="denoising steps per prompt (default: 20)")
     sp.add_argument("--guidance", type=float)
     sp.add_argument("--seed", type=int)
@@ -172,7 +172,16 @@ def _version() -> str:
     return __version__
 
 
+def _quiet_libraries() -> None:
+    """The CLI owns its process: keep diffusers/transformers to errors (no import-time notes)."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

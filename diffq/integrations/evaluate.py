@@ -54,6 +54,8 @@ def check_settings(s) -> list[str]:
     quantized = getattr(s, "quantized", None)
     if quantized is not None:
         quantized_components(quantized)
+    if (s.clip_model is None) != (s.inception_weights is None):
+        raise InputError("real-model evaluation needs both --clip-model and --inception-weights")
     if s.inception_weights is not None and not Path(s.inception_weights).is_file():
         raise InputError(f"--inception-weights file {s.inception_weights} does not exist")
     prompts = read_prompts(s.prompts)
@@ -77,9 +79,7 @@ def real_images(s, size: int) -> tuple[torch.Tensor, str]:
 
 def scorers(s):
     """(clip_score(images, prompts), fid(real, fake), description)."""
-    if s.clip_model is not None or s.inception_weights is not None:
-        if s.clip_model is None or s.inception_weights is None:
-            raise InputError("real-model evaluation needs both --clip-model and --inception-weights")
+    if s.clip_model is not None:  # with inception_weights: check_settings requires both
         return (lambda im, p: metrics.hf_clip_score(s.clip_model, im, p),
                 lambda r, f: metrics.inception_fid(s.inception_weights, r, f),
                 f"CLIP {s.clip_model}, Inception {s.inception_weights}")

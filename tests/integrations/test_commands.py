@@ -90,6 +90,10 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
         (["calibrate", "--model", MODEL, "--recipe", "w3a3"], "unknown recipe"),
         (["calibrate", "--model", MODEL, "--steps", "2"], "timestep groups"),
         (["eval", "--model", MODEL, "--quantized", tmp_path / "nope"], "does not exist"),
+        (["eval", "--model", MODEL, "--clip-model", tmp_path, "--inception-weights",
+          tmp_path / "pt_inception.pth"], "does not exist"),
+        (["eval", "--model", MODEL, "--clip-model", tmp_path], "needs both"),
+        (["compare", "--model", MODEL, "--schemes", "fp,w3a3"], "unknown recipe"),
     ]
     for args, needle in cases:
         err = _one_line_exit_2(capsys, *args, "--out", out)
