@@ -119,6 +119,21 @@ class Recipe:
     activations: ActivationSpec | None = None
     skip: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
+    # pipeline components `diffq calibrate` quantizes; text encoders get timestep_groups 1
+    components: list[Literal["unet", "transformer", "text_encoder", "text_encoder_2"]] = field(
+        default_factory=lambda: ["unet"])
+
+    def validate(self) -> None:
+        if not self.components:
+            raise RecipeError("recipe key 'components' must name at least one component")
+
+    def for_text_encoder(self) -> "Recipe":
+        """This recipe for a component without timesteps: one activation group, no skip split."""
+        def flat(a):
+            return None if a is None else replace(a, timestep_groups=1, split_skip=False)
+
+        return replace(self, activations=flat(self.activations),
+                       overrides=[replace(o, activations=flat(o.activations)) for o in self.overrides])
 
     def plan_for(self, layer_name: str) -> LayerPlan | None:
         """The scheme for `layer_name`, or None when it stays float. Later overrides win."""

@@ -84,6 +84,9 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     prompts = _check(s)
     recipe = load_recipe(s.recipe)
     check_groups(recipe, s.steps)
+    if "transformer" in recipe.components:
+        raise InputError("quantizing a denoising transformer (DiT) with diffq calibrate is not "
+                         "supported yet; use components [unet, text_encoder]")
     pipe = load_pipeline(s.model, progress=progress)
     unet = pipe.unet
     fp_bytes = weight_bytes(unet)
@@ -96,16 +99,26 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     if layers:
         stats = _collect(s, pipe, prompts, layers, recipe.name, progress)
     quantize(unet, recipe, segments=segments, stats=stats)
+    comps = {"unet": unet}
+    for name in recipe.components:
+        if name.startswith("text_encoder"):
+            fp_bytes += weight_bytes(getattr(pipe, name))
+            comps[name] = _quantize_text_encoder(pipe, name, recipe, prompts, s.batch_size)
     report = {
         "recipe": recipe.name, "model": str(s.model), "prompts": str(s.prompts),
         "num_prompts": len(prompts), "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
-        "weight_bytes": weight_bytes(unet), "weight_bytes_fp": fp_bytes,
-        "layers": unet.diffq_report.quantized, "skipped": unet.diffq_report.skipped,
+        "components": list(comps),
+        "weight_bytes": sum(weight_bytes(m) for m in comps.values()), "weight_bytes_fp": fp_bytes,
+        "layers": {f"{c}.{n}" if c != "unet" else n: v for c, m in comps.items()
+                   for n, v in m.diffq_report.quantized.items()},
+        "skipped": {f"{c}.{n}" if c != "unet" else n: v for c, m in comps.items()
+                    for n, v in m.diffq_report.skipped.items()},
     }
     with writing_directory(s.out, s.overwrite) as tmp:
-        save(unet, tmp / "unet")
+        for name, module in comps.items():
+            save(module, tmp / name)
         (tmp / "pipeline.json").write_text(json.dumps({"base_model": str(Path(s.model).resolve()),
-                                                       "components": ["unet"]}, indent=1))
+                                                       "components": list(comps)}, indent=1))
         plotted = []
         if stats:
             save_stats(stats, tmp / "stats.safetensors", asdict_str(s))
@@ -124,6 +137,22 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
 
         shutil.rmtree(cache, ignore_errors=True)
     return report
+
+
+def _quantize_text_encoder(pipe, name: str, recipe, prompts: list[str], batch_size: int):
+    """Calibrate a text encoder on the tokenized prompts (no timesteps: one scale group)."""
+    encoder = getattr(pipe, name, None)
+    tokenizer = getattr(pipe, "tokenizer" if name == "text_encoder" else "tokenizer_2", None)
+    if encoder is None or tokenizer is None:
+        raise InputError(f"the recipe quantizes {name!r}, which this pipeline lacks")
+    batches = [{"input_ids": tokenizer(prompts[i:i + batch_size], padding="max_length",
+                                       max_length=tokenizer.model_max_length, truncation=True,
+                                       return_tensors="pt").input_ids}
+               for i in range(0, len(prompts), batch_size)]
+    batches.append({"input_ids": tokenizer([""], padding="max_length",  # the unconditional branch
+                                           max_length=tokenizer.model_max_length,
+                                           return_tensors="pt").input_ids})
+    return quantize(encoder, recipe.for_text_encoder().with_name(recipe.name), calibration=batches)
 
 
 def asdict_str(s: CalibrateSettings) -> dict:

@@ -23,6 +23,8 @@ BAD = {
     "override_without_match": ("overrides: [{keep_float: true}]\n", "match"),
     "override_bad_key": ("overrides: [{match: ['a'], bits: 4}]\n", "overrides[0].bits"),
     "empty": ("", "empty"),
+    "unknown_component": ("components: [unet, vae]\n", "components[1]"),
+    "no_component": ("components: []\n", "components"),
     "invalid_yaml": ("weights: {format: int8\n", "not valid YAML"),
 }
 
@@ -69,3 +71,10 @@ def test_plan_resolution_order():
     assert r.plan_for("down.conv").weights.format == "int8"
     assert r.plan_for("down.attn_q").weights.format == "int4"
     assert r.plan_for("down.attn_k") is None
+
+
+def test_text_encoder_variant_has_one_group():
+    r = load_recipe("w8a8")
+    te = r.for_text_encoder()
+    assert r.activations.timestep_groups == 4 and te.activations.timestep_groups == 1
+    assert not te.activations.split_skip and te.weights == r.weights

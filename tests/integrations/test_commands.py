@@ -55,6 +55,23 @@ def test_eval_reports_metrics(calibrated, tmp_path):
     assert (out / "grid.png").is_file() and "PSNR" in (out / "report.md").read_text()
 
 
+def test_text_encoder_component(tmp_path):
+    recipe = tmp_path / "te.yaml"
+    recipe.write_text("name: w8a8-te\n"
+                      "activations: {timestep_groups: 2}\n"
+                      "components: [unet, text_encoder]\n")
+    out = tmp_path / "q"
+    assert run("calibrate", "--model", MODEL, "--recipe", recipe, "--num-prompts", "2",
+               "--out", out, *FAST) == 0
+    assert (out / "text_encoder" / "diffq.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["components"] == ["unet", "text_encoder"]
+    assert any(n.startswith("text_encoder.") for n in report["layers"])
+    ev = tmp_path / "ev"
+    assert run("eval", "--model", MODEL, "--quantized", out, "--num-images", "2", "--out", ev, *FAST) == 0
+    assert json.loads((ev / "report.json").read_text())["components"] == ["unet", "text_encoder"]
+
+
 def test_eval_fp_against_itself(tmp_path):
     out = tmp_path / "ev"
     assert run("eval", "--model", MODEL, "--num-images", "2", "--out", out, *FAST) == 0
