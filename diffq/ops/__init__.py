@@ -1,19 +1,49 @@
 """The one dispatch point for quantized compute. Quantized modules call only `linear` and
-`conv2d` here; each picks the fastest backend that accepts the call and falls back to the
-pure-torch reference, which dequantizes and runs the float op."""
+`conv2d` here. W8A8 calls (static symmetric int8 activations, symmetric int8 per-channel
+weights) go through the `diffq::w8a8_*` custom ops, whose CPU kernel is oneDNN int8 when a
+prepacked weight is available; every other scheme runs the pure-torch reference, which
+dequantizes and runs the float op."""
 from __future__ import annotations
 
 import torch
 
+from diffq.core.granularity import PerChannel, PerTensor
 from diffq.core.weights import QuantizedWeight
-from diffq.ops import onednn, reference
+from diffq.ops import library, onednn, reference
 from diffq.ops.types import ActQuant
 
+__all__ = ["ActQuant", "BACKENDS", "linear", "conv2d", "quantize_activation"]
+
 BACKENDS = ("auto", "reference")
-
-__all__ = ["ActQuant", "linear", "conv2d", "quantize_activation"]
-
 quantize_activation = reference.quantize_activation
+
+
+def _w8a8(weight: QuantizedWeight, act: ActQuant | None) -> bool:
+    return (act is not None and not act.dynamic and act.fmt.name == "int8"
+            and act.zero_point is None and weight.spec.format == "int8"
+            and weight.zero_point is None
+            and isinstance(weight.spec.granularity_obj(), (PerChannel, PerTensor)))
+
+
+def _segment_scales(act: ActQuant, channels: int) -> tuple[list[float], list[int]]:
+    scale = act.scale.reshape(-1)
+    if scale.numel() == 1:
+        return [float(scale)], [channels]
+    segments = list(act.segments)
+    starts = [sum(segments[:i]) for i in range(len(segments))]
+    return [float(scale[s]) for s in starts], segments
+
+
+def _w_scale(weight: QuantizedWeight, cache: dict) -> torch.Tensor:
+    key = ("w_scale", weight.scale.data_ptr())
+    if key not in cache:
+        cache[key] = weight.scale.float().reshape(-1).expand(weight.shape[0]).contiguous()
+    return cache[key]
+
+
+def _fast(x: torch.Tensor, cache: dict | None, backend: str) -> bool:
+    return (backend == "auto" and cache is not None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and onednn.available())
 
 
 def linear(
@@ -22,9 +52,18 @@ def linear(
 ) -> torch.Tensor:
     """y = x @ W^T + b with W quantized and, when `act` is given, x quantized. x: [..., K].
     `cache` is the calling module's store for prepacked weights."""
-    if backend == "auto" and cache is not None and onednn.accepts(x, weight, act):
-        return onednn.linear(x, weight, bias, act, cache)
-    return reference.linear(x, weight, bias, act)
+    if not _w8a8(weight, act):
+        return reference.linear(x, weight, bias, act)
+    (xs,), _ = _segment_scales(act, x.shape[-1])
+    packed = None
+    if _fast(x, cache, backend):
+        key = ("linear", weight.data.data_ptr())
+        if key not in cache:
+            cache[key] = onednn.pack_linear(weight.data)
+        packed = cache[key]
+    w_scale = _w_scale(weight, cache) if cache is not None else \
+        weight.scale.float().reshape(-1).expand(weight.shape[0])
+    return library.w8a8_linear(x, weight.data, w_scale, bias, xs, packed)
 
 
 def conv2d(
@@ -40,6 +79,20 @@ def conv2d(
     backend: str = "auto",
 ) -> torch.Tensor:
     """2-D convolution of x [N, C, H, W] with a quantized weight [O, C/groups, kh, kw]."""
-    if backend == "auto" and cache is not None and onednn.accepts_conv(x, weight, act, padding, groups):
-        return onednn.conv2d(x, weight, bias, act, stride, padding, dilation, groups, cache)
-    return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
+    if not _w8a8(weight, act) or isinstance(padding, str):
+        return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
+    scales, segments = _segment_scales(act, x.shape[1])
+    w4 = weight.data.reshape(weight.shape)
+    w_scale = _w_scale(weight, cache) if cache is not None else \
+        weight.scale.float().reshape(-1).expand(weight.shape[0])
+    packs: list = []
+    if _fast(x, cache, backend) and onednn.can_pack_conv(padding, groups, segments):
+        # oneDNN takes x_scale at packing time; packs are keyed by segment layout only since
+        # the kernel call passes the scale again (checked against the reference in tests).
+        key = ("conv", tuple(segments), weight.data.data_ptr())
+        if key not in cache:
+            cache[key] = onednn.pack_conv(w4, w_scale, scales, segments, stride, padding,
+                                          dilation, groups)
+        packs = cache[key]
+    return library.w8a8_conv2d(x, w4, w_scale, bias, scales, segments, list(stride),
+                               list(padding), list(dilation), groups, packs)

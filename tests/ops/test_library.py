@@ -1,0 +1,56 @@
+"""The diffq::w8a8_* custom ops: schema/fake checks, default vs CPU kernel, torch.compile."""
+import pytest
+import torch
+from torch import nn
+
+from diffq.core.recipe import ActivationSpec, WeightSpec
+from diffq.nn import QConv2d, QLinear
+from diffq.ops import library, onednn
+
+
+def _linear_args(gen, packed=False):
+    x = torch.randn(3, 5, 32, generator=gen)
+    qw = torch.randint(-127, 128, (16, 32), generator=gen, dtype=torch.int8)
+    ws = torch.rand(16, generator=gen) * 0.01 + 1e-3
+    b = torch.randn(16, generator=gen)
+    return x, qw, ws, b, 0.02, onednn.pack_linear(qw) if packed else None
+
+
+def _conv_args(gen, packed=False):
+    x = torch.randn(2, 24, 6, 6, generator=gen)
+    qw = torch.randint(-127, 128, (8, 24, 3, 3), generator=gen, dtype=torch.int8)
+    ws = torch.rand(8, generator=gen) * 0.01 + 1e-3
+    scales, segs = [0.02, 0.05], [16, 8]
+    packs = onednn.pack_conv(qw, ws, scales, segs, [1, 1], [1, 1], [1, 1], 1) if packed else []
+    return x, qw, ws, None, scales, segs, [1, 1], [1, 1], [1, 1], 1, packs
+
+
+def test_opcheck(gen):
+    torch.library.opcheck(torch.ops.diffq.w8a8_linear.default, _linear_args(gen))
+    torch.library.opcheck(torch.ops.diffq.w8a8_conv2d.default, _conv_args(gen))
+
+
+@pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
+def test_cpu_kernels_match_default(gen):
+    lin = _linear_args(gen)
+    ref = library.w8a8_linear(*lin)
+    fast = library.w8a8_linear(*lin[:-1], onednn.pack_linear(lin[1]))
+    assert float((fast - ref).norm() / ref.norm()) < 1e-5
+    conv = _conv_args(gen, packed=True)
+    ref = library.w8a8_conv2d(*conv[:-1], [])
+    fast = library.w8a8_conv2d(*conv)
+    assert float((fast - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_torch_compile_traces_quantized_modules(gen):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 36, 10))
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    q = nn.Sequential(
+        QConv2d(model[0], WeightSpec(), ActivationSpec()), model[1],
+        QLinear(model[2], WeightSpec(), ActivationSpec()))
+    q[0].input_quant.set_table(torch.full((1, 1), 0.03), torch.zeros(0))
+    q[2].input_quant.set_table(torch.full((1, 1), 0.05), torch.zeros(0))
+    with torch.no_grad():
+        eager = q(x)
+        compiled = torch.compile(q, backend="aot_eager")(x)
+    assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
