@@ -1,0 +1,1 @@
+"""Evaluation: the shapes reference world, a tiny CLIP-like evaluator, metrics and grids."""

@@ -1,0 +1,30 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, out: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "samples" / script), "--smoke", "--out", str(out)],
+        check=False, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_tiny_clip_smoke_training(tmp_path):
+    stdout = _run("train_tiny_clip.py", tmp_path / "clip")
+    assert "top-1" in stdout
+    assert (tmp_path / "clip" / "model.safetensors").is_file()
+    assert (tmp_path / "clip" / "vocab.json").is_file()
+
+
+def test_tiny_sd_smoke_training(tmp_path):
+    _run("train_tiny_sd.py", tmp_path / "sd")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tmp_path / "sd" / sub).is_dir()
+    assert (tmp_path / "sd" / "model_index.json").is_file()
