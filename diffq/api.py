@@ -1,21 +1,20 @@
 """`diffq.quantize`: the in-place quantize -> (calibrate) -> convert lifecycle for any nn.Module."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from diffq.calib.collector import ActivationCollector, run_calibration
-from diffq.calib.collector import LayerStats
+from diffq.calib.collector import ActivationCollector, LayerStats, run_calibration
 from diffq.calib.scales import choose_boundaries, scale_table
 from diffq.core.recipe import LayerPlan, Recipe, load_recipe
 from diffq.errors import CalibrationError
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.convert import QuantizationReport, convert, plan_layers
 from diffq.nn.timestep import TimestepClock, TimestepOf, install_clock
-
 
 
 def _feature_axis(m: nn.Module) -> int:
@@ -73,7 +72,7 @@ def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bo
 
 def quantize(
     model: nn.Module,
-    recipe: "str | Path | Recipe" = "w8",
+    recipe: str | Path | Recipe = "w8",
     calibration: Iterable[Any] | None = None,
     timestep_of: TimestepOf | None = None,
     segments: dict[str, list[int]] | None = None,
@@ -107,7 +106,7 @@ def quantize(
         raise CalibrationError(f"no calibration statistics for layer {missing[0]!r} "
                                f"({len(missing)} layers); were they collected for another model?")
     stats = {n: stats[n] for n in layers}
-    layers = convert(model, plans, segments)
+    converted = convert(model, plans, segments)
     bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
     for name, st in stats.items():
         spec = plans[name].activations
@@ -115,7 +114,7 @@ def quantize(
         if key not in bounds:
             bounds[key] = choose_boundaries(stats, *key)
         scale, zp = scale_table(st, bounds[key], spec)
-        layers[name].input_quant.set_table(scale, bounds[key], zp)
+        converted[name].input_quant.set_table(scale, bounds[key], zp)
     attach_clock(model, timestep_of)
     report.quantized = {n: describe_plan(p) for n, p in plans.items()}
     model.diffq_report = report
@@ -141,8 +140,7 @@ def weight_bytes(model: nn.Module, float_dtype: torch.dtype | None = torch.bfloa
         if isinstance(m, QuantizedLayer):
             total += m.weight_nbytes
         for p in m.parameters(recurse=False):
-            size = p.element_size() if float_dtype is None else torch.empty(0, dtype=float_dtype).element_size()
-            total += p.numel() * size
+            total += p.numel() * (p.element_size() if float_dtype is None else float_dtype.itemsize)
     return total
 
 

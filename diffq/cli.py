@@ -96,7 +96,8 @@ def _add_calibrate(sp: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
     sp.add_argument("--model", type=Path, help="diffusers pipeline directory (default: samples/tiny-sd)")
-    sp.add_argument("--prompts", type=Path, help="UTF-8 prompt file (default: samples/prompts/shapes-calib.txt)")
+    sp.add_argument("--prompts", type=Path,
+                    help="UTF-8 prompt file (default: samples/prompts/shapes-calib.txt)")
     sp.add_argument("--recipe", help="built-in recipe name or YAML path (default: w8a8)")
     sp.add_argument("--num-prompts", type=int, help="use the first N prompts (default: 128)")
     sp.add_argument("--steps", type=int, help="denoising steps per prompt (default: 20)")

@@ -1,17 +1,30 @@
 """Print the weight SQNR table of the README: every format x granularity on a Gaussian matrix."""
 import torch
-from diffq.core import *
-from diffq.core.granularity import PerGroup
+
+from diffq.core import PerChannel, PerGroup, PerTensor, choose_qparams, fake_quantize, get_format, sqnr_db
 from diffq.core.clip import mse_clip_qparams
-torch.manual_seed(0)
-w = torch.randn(256, 512)
-grans = {"per_tensor": PerTensor(), "per_channel": PerChannel(0), "per_group32": PerGroup(32), "per_group64": PerGroup(64), "per_group128": PerGroup(128)}
-print("| format | " + " | ".join(grans) + " |")
-for f in ["int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4"]:
-    fmt = get_format(f); row=[]
-    for g in grans.values():
-        if f=="nf4" and not isinstance(g, PerGroup): row.append("-"); continue
-        qp = choose_qparams(w, fmt, g); row.append(f"{sqnr_db(w, fake_quantize(w, qp, fmt, g)):.1f}")
-        if f in ("int4","int8"):
-            qp = mse_clip_qparams(w, fmt, g); row[-1] += f" / {sqnr_db(w, fake_quantize(w, qp, fmt, g)):.1f}"
-    print(f"| {f} | " + " | ".join(row) + " |")
+
+GRANULARITIES = {"per_tensor": PerTensor(), "per_channel": PerChannel(0), "per_group32": PerGroup(32),
+                 "per_group64": PerGroup(64), "per_group128": PerGroup(128)}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(256, 512)
+    print("| format | " + " | ".join(GRANULARITIES) + " |")
+    print("|---" * (len(GRANULARITIES) + 1) + "|")
+    for name in ["int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4"]:
+        fmt, row = get_format(name), []
+        for g in GRANULARITIES.values():
+            if name == "nf4" and not isinstance(g, PerGroup):
+                row.append("-")
+                continue
+            cell = f"{sqnr_db(w, fake_quantize(w, choose_qparams(w, fmt, g), fmt, g)):.1f}"
+            if fmt.kind == "int":  # plain range / with MSE clipping
+                cell += f" / {sqnr_db(w, fake_quantize(w, mse_clip_qparams(w, fmt, g), fmt, g)):.1f}"
+            row.append(cell)
+        print(f"| {name} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

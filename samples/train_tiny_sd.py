@@ -87,7 +87,7 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tens
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
             e.lerp_(p, 1 - decay)
 
 

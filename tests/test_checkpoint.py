@@ -30,7 +30,7 @@ def test_round_trip_is_bit_exact(recipe, tmp_path):
     assert sd1.keys() == sd2.keys()
     for k in sd1:
         assert sd1[k].dtype == sd2[k].dtype
-        assert torch.equal(sd1[k].view(torch.uint8) if sd1[k].dtype.itemsize == 1 else sd1[k], 
+        assert torch.equal(sd1[k].view(torch.uint8) if sd1[k].dtype.itemsize == 1 else sd1[k],
                            sd2[k].view(torch.uint8) if sd2[k].dtype.itemsize == 1 else sd2[k])
     with torch.no_grad():
         assert torch.equal(m2(x, t), y)

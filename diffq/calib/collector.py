@@ -7,8 +7,9 @@ channel segment the collector keeps the min, the max and a histogram of |x| (see
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class LayerStats:
                 "exponent": self.exponent}
 
     @classmethod
-    def merge(cls, a: "LayerStats", b: "LayerStats") -> "LayerStats":
+    def merge(cls, a: LayerStats, b: LayerStats) -> LayerStats:
         """Exact union of two collections (other prompts, other processes)."""
         acc = _Accumulator(a.minmax.shape[-1])
         for st in (a, b):
@@ -137,7 +138,7 @@ class ActivationCollector:
             raise CalibrationError(f"calibration never reached layer {empty[0]!r}")
         return {n: a.finish() for n, a in self._acc.items()}
 
-    def __enter__(self) -> "ActivationCollector":
+    def __enter__(self) -> ActivationCollector:
         for name, (m, axis, segments) in self.layers.items():
             self._handles.append(m.register_forward_pre_hook(self._hook(name, axis, segments)))
         return self
@@ -175,4 +176,4 @@ def unsplit(st: LayerStats) -> LayerStats:
 
 
 def _fold_rows(hist: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    return torch.stack([H.fold(h, int(k)) for h, k in zip(hist, shifts)])
+    return torch.stack([H.fold(h, int(k)) for h, k in zip(hist, shifts, strict=True)])

@@ -126,7 +126,8 @@ def scale_table(st: LayerStats, boundaries: torch.Tensor, spec: ActivationSpec
             if not spec.symmetric:  # asymmetric: min/max observer only (recipe validation)
                 sc = float(hi[j] - lo[j]) / (fmt.qmax - fmt.qmin)
                 scale[g, j] = sc if sc > 0 else 1.0
-                zp[g, j] = int(min(fmt.qmax, max(fmt.qmin, fmt.qmin - round(float(lo[j]) / float(scale[g, j])))))
+                z = fmt.qmin - round(float(lo[j]) / float(scale[g, j]))
+                zp[g, j] = int(min(fmt.qmax, max(fmt.qmin, z)))
                 continue
             hist, exp = st.hist[sel[0], j], int(st.exponent[sel[0], j])
             for i in sel[1:]:

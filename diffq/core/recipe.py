@@ -127,7 +127,7 @@ class Recipe:
         if not self.components:
             raise RecipeError("recipe key 'components' must name at least one component")
 
-    def for_text_encoder(self) -> "Recipe":
+    def for_text_encoder(self) -> Recipe:
         """This recipe for a component without timesteps: one activation group, no skip split."""
         def flat(a):
             return None if a is None else replace(a, timestep_groups=1, split_skip=False)
@@ -158,10 +158,10 @@ class Recipe:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
         return from_dict(cls, data)
 
-    def with_name(self, name: str) -> "Recipe":
+    def with_name(self, name: str) -> Recipe:
         return replace(self, name=name)
 
 
@@ -187,7 +187,7 @@ def _parse_yaml(text: str, origin: str) -> Recipe:
         raise RecipeError(f"{origin}: {e}") from None
 
 
-def load_recipe(recipe: "str | Path | Recipe") -> Recipe:
+def load_recipe(recipe: str | Path | Recipe) -> Recipe:
     """A Recipe object, a built-in name ("w8a8", "w8", "w4g64", ...) or a path to a YAML file."""
     if isinstance(recipe, Recipe):
         return recipe

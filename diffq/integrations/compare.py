@@ -16,8 +16,7 @@ from diffq.api import collect_stats, quantize, static_layers, weight_bytes
 from diffq.calib.collector import unsplit
 from diffq.core.recipe import load_recipe
 from diffq.eval.grid import image_grid
-from diffq.integrations.evaluate import (SAMPLES, EvalSettings, check_settings, real_images,
-                                         score, scorers)
+from diffq.integrations.evaluate import SAMPLES, EvalSettings, check_settings, real_images, score, scorers
 from diffq.integrations.pipeline import generate, load_pipeline
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import read_prompts, writing_directory
@@ -114,11 +113,11 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
 def format_table(rows: list[dict], meta: dict) -> str:
     head = (f"{meta['num_images']} images, {meta['steps']} steps, guidance {meta['guidance']}, "
             f"seeds {meta['seeds'][0]}..{meta['seeds'][1]}; features: {meta['features']}\n\n")
-    lines = ["| scheme | PSNR dB | SSIM | CLIP | FID | weight bytes (x bf16) | s / image |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| scheme | PSNR dB | PSNR median / worst | SSIM | CLIP | FID | weight bytes (x bf16) "
+             "| s / image |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        psnr = "inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.2f}"
-        lines.append(f"| {r['scheme']} | {psnr} | {r['ssim']:.4f} | {r['clip_score']:.2f} | "
+        psnr, med, low = (f"{v:.2f}" for v in (r["psnr_db"], r["psnr_db_median"], r["psnr_db_min"]))
+        lines.append(f"| {r['scheme']} | {psnr} | {med} / {low} | {r['ssim']:.4f} | {r['clip_score']:.2f} | "
                      f"{r['fid']:.3f} | {r['weight_bytes']:,} ({r['weight_ratio_bf16']:.3f}) | "
                      f"{r['seconds_per_image']:.3f} |")
     return head + "\n".join(lines) + "\n"

@@ -12,9 +12,15 @@ from diffq.checkpoint import read_meta
 from diffq.errors import InputError
 from diffq.eval import metrics, shapes
 from diffq.eval.report import write_eval_report
-from diffq.integrations.pipeline import (apply_quantized, check_pipeline_dir, default_model_dir,
-                                         denoiser_name, generate, load_pipeline,
-                                         quantized_components)
+from diffq.integrations.pipeline import (
+    apply_quantized,
+    check_pipeline_dir,
+    default_model_dir,
+    denoiser_name,
+    generate,
+    load_pipeline,
+    quantized_components,
+)
 from diffq.io import read_prompts, writing_directory
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -93,7 +99,9 @@ def scorers(s):
 def score(fp_imgs, q_imgs, prompts, clip_fn, fid_fn, real) -> dict:
     """Paired PSNR/SSIM against the FP images, CLIP score and FID of the quantized images."""
     a, b = shapes.to_tensor(fp_imgs), shapes.to_tensor(q_imgs)
-    return {"psnr_db": metrics.psnr(b, a), "ssim": metrics.ssim(b, a),
+    per_image = metrics.psnr_per_image(b, a)
+    return {"psnr_db": metrics.psnr(b, a), "psnr_db_median": float(per_image.median()),
+            "psnr_db_min": float(per_image.min()), "ssim": metrics.ssim(b, a),
             "clip_score": clip_fn(b, prompts), "fid": fid_fn(real, b)}
 
 

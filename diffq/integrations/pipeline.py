@@ -39,7 +39,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, progress
         pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise InputError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise InputError(f"the pipeline in {path} has no UNet (or denoising transformer) to quantize")

@@ -5,7 +5,8 @@ on a `TimestepClock` that the layers' activation quantizers share; model code st
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

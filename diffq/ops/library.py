@@ -18,7 +18,7 @@ def _qdq(x: Tensor, scales: list[float], segments: list[int], axis: int) -> Tens
     """Quantize to symmetric int8 per channel segment and back (the reference grid)."""
     parts = torch.split(x, segments, dim=axis) if len(segments) > 1 else (x,)
     out = [torch.round(p.float() / s).clamp_(-128, 127).mul_(s).to(x.dtype)
-           for p, s in zip(parts, scales)]
+           for p, s in zip(parts, scales, strict=True)]
     return out[0] if len(out) == 1 else torch.cat(out, dim=axis)
 
 

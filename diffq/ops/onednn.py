@@ -29,7 +29,7 @@ def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments:
               stride, padding, dilation, groups: int) -> list[Tensor]:
     """One pack per input channel segment (weight columns of that segment)."""
     packs, start = [], 0
-    for size, xs in zip(segments, x_scales):
+    for size, xs in zip(segments, x_scales, strict=True):
         w = qweight if len(segments) == 1 else qweight[:, start:start + size]
         packs.append(torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale, xs, _U8_ZP,
                                                     list(stride), list(padding), list(dilation),
@@ -56,7 +56,7 @@ def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: flo
 def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: list[float],
                   segments: list[int], stride, padding, dilation, groups: int) -> Tensor:
     out, start = None, 0
-    for i, (size, xs) in enumerate(zip(segments, x_scales)):
+    for i, (size, xs) in enumerate(zip(segments, x_scales, strict=True)):
         part = x if len(segments) == 1 else x[:, start:start + size]
         qx = _quantize_u8(part, xs).contiguous(memory_format=torch.channels_last)
         b = None if (bias is None or i > 0) else bias.float()

@@ -12,8 +12,18 @@ import math
 import pytest
 import torch
 
-from diffq.core import (PerChannel, PerGroup, PerTensor, PerToken, choose_qparams, dequantize,
-                        fake_quantize, get_format, quantize, sqnr_db)
+from diffq.core import (
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    get_format,
+    quantize,
+    sqnr_db,
+)
 from diffq.core.granularity import blocked
 from diffq.errors import RecipeError
 

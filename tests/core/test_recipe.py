@@ -64,7 +64,8 @@ def test_plan_resolution_order():
     r = Recipe.from_dict({
         "weights": {"format": "int8"},
         "skip": ["conv_in"],
-        "overrides": [{"match": ["*.attn*"], "weights": {"format": "int4", "granularity": "per_group", "group_size": 32}},
+        "overrides": [{"match": ["*.attn*"],
+                       "weights": {"format": "int4", "granularity": "per_group", "group_size": 32}},
                       {"match": ["*.attn_k"], "keep_float": True}],
     })
     assert r.plan_for("conv_in") is None

@@ -33,7 +33,8 @@ CONVS = [
     dict(in_channels=16, out_channels=32, kernel_size=3, stride=2, padding=1),
     dict(in_channels=16, out_channels=16, kernel_size=3, padding=2, dilation=2, groups=4),
     dict(in_channels=32, out_channels=32, kernel_size=1),
-    dict(in_channels=8, out_channels=8, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), groups=8, bias=False),
+    dict(in_channels=8, out_channels=8, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), groups=8,
+         bias=False),
     dict(in_channels=16, out_channels=8, kernel_size=4, padding="same"),
 ]
 
@@ -79,7 +80,8 @@ def test_storage_survives_dtype_casts(gen):
     q = QLinear(nn.Linear(64, 32), FP8, None)
     data, scale = q.qweight.clone(), q.weight_scale.clone()
     q.to(torch.bfloat16)
-    assert q.qweight.dtype == torch.float8_e4m3fn and torch.equal(q.qweight.view(torch.uint8), data.view(torch.uint8))
+    assert q.qweight.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.qweight.view(torch.uint8), data.view(torch.uint8))
     assert q.weight_scale.dtype == torch.float32 and torch.equal(q.weight_scale, scale)
     assert q.bias.dtype == torch.bfloat16
     x = torch.randn(2, 64, generator=gen, dtype=torch.bfloat16)
