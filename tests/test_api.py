@@ -109,3 +109,17 @@ def test_w8a8_static_quality_and_save_load_exact(tmp_path):
     m2 = diffq.load(tmp_path / "ck", ToyUNet())
     with torch.no_grad():
         assert torch.equal(m2(x, t), out)
+
+
+def test_deepcopy_keeps_timestep_lookup_working():
+    import copy
+
+    torch.manual_seed(0)
+    m = diffq.quantize(ToyUNet(), "w8a8", calibration=toy_calibration(8))
+    twin = copy.deepcopy(m)
+    x, _ = toy_calibration(1)[0]
+    with torch.no_grad():
+        for t in (999.0, 10.0):
+            ts = torch.full((2,), t)
+            assert torch.equal(twin(x, ts), m(x, ts))
+            assert twin.mid.input_quant.group_index() == m.mid.input_quant.group_index()

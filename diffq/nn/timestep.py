@@ -39,11 +39,18 @@ def timestep_value(t: Any) -> float | None:
     return float(t)
 
 
+class _ClockHook:
+    """A pre-hook object rather than a closure: copy.deepcopy(model) then copies the clock
+    together with the quantizers that share it."""
+
+    def __init__(self, clock: TimestepClock, timestep_of: TimestepOf) -> None:
+        self.clock, self.timestep_of = clock, timestep_of
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.clock.value = timestep_value(self.timestep_of(args, kwargs))
+
+
 def install_clock(model: nn.Module, clock: TimestepClock, timestep_of: TimestepOf | None = None):
     """Register the pre-hook that updates `clock` on every call of `model`; returns its handle."""
-    get = timestep_of or default_timestep_of
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        clock.value = timestep_value(get(args, kwargs))
-
+    hook = _ClockHook(clock, timestep_of or default_timestep_of)
     return model.register_forward_pre_hook(hook, with_kwargs=True)
