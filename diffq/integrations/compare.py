@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from diffq.api import collect_stats, quantize, static_layers, weight_bytes
 from diffq.calib.collector import unsplit
 from diffq.core.recipe import load_recipe
@@ -44,7 +46,6 @@ def _shared_stats(pipe, recipes, s: CompareSettings, progress: bool):
     if not layers:
         return {}
     prompts = read_prompts(s.calib_prompts)[: s.num_prompts]
-    import torch
 
     def drive():
         for i in range(0, len(prompts), s.batch_size):
