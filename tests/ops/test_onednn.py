@@ -94,3 +94,21 @@ def test_cache_follows_reloaded_weights(gen):
         b(x)
         b.load_state_dict(a.state_dict())
         assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_weight_only_int8_decode_kernel(rows, gen, monkeypatch):
+    dtype, tol = torch.bfloat16, 2e-2  # bf16 output rounding
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    lin = nn.Linear(256, 96)
+    layer = QLinear(lin, W8, None).to(dtype)
+    x = torch.randn(1, rows, 256, generator=gen).to(dtype)
+    ref, fast = _both(layer, x)
+    assert fast.shape == (1, rows, 96) and fast.dtype == dtype
+    assert calls == [1]  # the kernel ran for the small-M call
+    assert _rel(fast, ref) < tol
+    big = torch.randn(64, 256, generator=gen).to(dtype)  # batched: the reference path
+    ref_big, fast_big = _both(layer, big)
+    assert torch.equal(ref_big, fast_big)
