@@ -53,7 +53,9 @@ def test_mse_threshold_near_brute_force_optimum(gen):
         return float((fake_quantize(x, qp, fmt, PerTensor()) - x).pow(2).mean())
 
     brute = min(mse(thr) for thr in np.linspace(amax / 200, amax, 400))
-    assert t < 0.9 * amax                      # it did clip
+    # it clipped, and clipping paid: over 40 seeds the error ratio to no clipping was 0.75-0.89
+    # (a fixed "t < 0.9 amax" failed for about 1 draw in 30: the optimum sat at 0.906 amax)
+    assert t < amax and mse(t) <= 0.95 * mse(amax)
     assert mse(t) <= 1.05 * brute              # and is within 5% of the best threshold
 
 
