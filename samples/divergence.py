@@ -8,10 +8,14 @@ import argparse
 import torch
 
 from diffq.eval import metrics, shapes
-from diffq.integrations.pipeline import apply_quantized, default_model_dir, generate, load_pipeline
+from diffq.integrations.pipeline import (
+    SAMPLES_DIR,
+    apply_quantized,
+    default_model_dir,
+    generate,
+    load_pipeline,
+)
 from diffq.io import read_prompts
-
-SAMPLES = default_model_dir().parent
 
 
 def latents_per_step(pipe, prompt: str, seed: int, steps: int, guidance: float) -> list:
@@ -33,7 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
     a = ap.parse_args()
-    prompts = read_prompts(SAMPLES / "prompts" / "shapes-eval.txt")[: a.num_images]
+    prompts = read_prompts(SAMPLES_DIR / "prompts" / "shapes-eval.txt")[: a.num_images]
     seeds = list(range(len(prompts)))
     fp = load_pipeline(default_model_dir(), progress=False)
     q = load_pipeline(default_model_dir(), progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,18 +19,16 @@ from diffq.calib.collector import LayerStats
 from diffq.checkpoint import save
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
-from diffq.integrations.pipeline import check_pipeline_dir, default_model_dir, load_pipeline
+from diffq.integrations.pipeline import SAMPLES_DIR, check_pipeline_dir, default_model_dir, load_pipeline
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import read_prompts, writing_directory
 from diffq.nn.convert import plan_layers
-
-SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 @dataclass
 class CalibrateSettings:
     model: Path = default_model_dir()
-    prompts: Path = SAMPLES / "prompts" / "shapes-calib.txt"
+    prompts: Path = SAMPLES_DIR / "prompts" / "shapes-calib.txt"
     recipe: str = "w8a8"
     num_prompts: int = 128
     steps: int = 20
@@ -133,8 +132,6 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
         _write_report(tmp, report)
     cache = _cache_dir(s.out)
     if cache.exists():
-        import shutil
-
         shutil.rmtree(cache, ignore_errors=True)
     return report
 

@@ -18,8 +18,8 @@ from diffq.api import collect_stats, quantize, static_layers, weight_bytes
 from diffq.calib.collector import unsplit
 from diffq.core.recipe import load_recipe
 from diffq.eval.grid import image_grid
-from diffq.integrations.evaluate import SAMPLES, EvalSettings, check_settings, real_images, score, scorers
-from diffq.integrations.pipeline import generate, load_pipeline
+from diffq.integrations.evaluate import EvalSettings, check_settings, real_images, score, scorers
+from diffq.integrations.pipeline import SAMPLES_DIR, generate, load_pipeline
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import read_prompts, writing_directory
 from diffq.nn.convert import plan_layers
@@ -30,7 +30,7 @@ DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
 @dataclass
 class CompareSettings(EvalSettings):
     schemes: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEMES))
-    calib_prompts: Path = SAMPLES / "prompts" / "shapes-calib.txt"
+    calib_prompts: Path = SAMPLES_DIR / "prompts" / "shapes-calib.txt"
     num_prompts: int = 32
     out: Path = Path("out/compare")
 

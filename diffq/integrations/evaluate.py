@@ -13,6 +13,7 @@ from diffq.errors import InputError
 from diffq.eval import metrics, shapes
 from diffq.eval.report import write_eval_report
 from diffq.integrations.pipeline import (
+    SAMPLES_DIR,
     apply_quantized,
     check_pipeline_dir,
     default_model_dir,
@@ -23,14 +24,12 @@ from diffq.integrations.pipeline import (
 )
 from diffq.io import read_prompts, writing_directory
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples"
-
 
 @dataclass
 class EvalSettings:
     model: Path = default_model_dir()
     quantized: Path | None = None
-    prompts: Path = SAMPLES / "prompts" / "shapes-eval.txt"
+    prompts: Path = SAMPLES_DIR / "prompts" / "shapes-eval.txt"
     num_images: int = 64
     steps: int = 20
     guidance: float = 5.0
@@ -38,7 +37,7 @@ class EvalSettings:
     batch_size: int = 16
     out: Path = Path("out/eval")
     overwrite: bool = False
-    evaluator: Path = SAMPLES / "tiny-clip"
+    evaluator: Path = SAMPLES_DIR / "tiny-clip"
     real_images: Path | None = None
     clip_model: Path | None = None
     inception_weights: Path | None = None

@@ -13,9 +13,12 @@ from diffq.errors import CheckpointError, InputError
 QUANTIZABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
+SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"  # shipped models and prompts
+
+
 def default_model_dir() -> Path:
     """The embedded reference pipeline shipped in the source tree (samples/tiny-sd)."""
-    return Path(__file__).resolve().parents[2] / "samples" / "tiny-sd"
+    return SAMPLES_DIR / "tiny-sd"
 
 
 def check_pipeline_dir(path: str | Path) -> Path:

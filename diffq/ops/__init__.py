@@ -18,11 +18,15 @@ BACKENDS = ("auto", "reference")
 quantize_activation = reference.quantize_activation
 
 
+def _int8_per_channel(weight: QuantizedWeight) -> bool:
+    """Symmetric int8 with one scale per output channel (or tensor): what the kernels take."""
+    return (weight.spec.format == "int8" and weight.zero_point is None
+            and isinstance(weight.spec.granularity_obj(), (PerChannel, PerTensor)))
+
+
 def _w8a8(weight: QuantizedWeight, act: ActQuant | None) -> bool:
     return (act is not None and not act.dynamic and act.fmt.name == "int8"
-            and act.zero_point is None and weight.spec.format == "int8"
-            and weight.zero_point is None
-            and isinstance(weight.spec.granularity_obj(), (PerChannel, PerTensor)))
+            and act.zero_point is None and _int8_per_channel(weight))
 
 
 def _segment_scales(act: ActQuant, channels: int) -> tuple[list[float], list[int]]:
@@ -34,11 +38,15 @@ def _segment_scales(act: ActQuant, channels: int) -> tuple[list[float], list[int
     return [float(scale[s]) for s in starts], segments
 
 
-def _w_scale(weight: QuantizedWeight, cache: dict) -> torch.Tensor:
-    key = ("w_scale", weight.scale.data_ptr())
-    if key not in cache:
-        cache[key] = weight.scale.float().reshape(-1).expand(weight.shape[0]).contiguous()
-    return cache[key]
+def _w_scale(weight: QuantizedWeight, cache: dict | None, dtype=torch.float32) -> torch.Tensor:
+    """Weight scales as a contiguous [out] vector, kept in the module's cache when it has one."""
+    key = ("w_scale", weight.scale.data_ptr(), dtype)
+    if cache is not None and key in cache:
+        return cache[key]
+    scale = weight.scale.reshape(-1).expand(weight.shape[0]).to(dtype).contiguous()
+    if cache is not None:
+        cache[key] = scale
+    return scale
 
 
 def _fast(x: torch.Tensor, cache: dict | None, backend: str) -> bool:
@@ -54,9 +62,8 @@ _DECODE_MAX_ROWS = 8
 
 def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
     return (backend == "auto" and act is None and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and weight.spec.format == "int8"
-            and weight.zero_point is None and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
-            and isinstance(weight.spec.granularity_obj(), (PerChannel, PerTensor)))
+            and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
+            and _int8_per_channel(weight))
 
 
 def linear(
@@ -66,8 +73,8 @@ def linear(
     """y = x @ W^T + b with W quantized and, when `act` is given, x quantized. x: [..., K].
     `cache` is the calling module's store for prepacked weights."""
     if _w8_decode(x, weight, act, backend):
-        scale = weight.scale.reshape(-1).expand(weight.shape[0]).to(x.dtype).contiguous()
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.data, scale)
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.data,
+                                      _w_scale(weight, cache, x.dtype))
         y = y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias.to(x.dtype)
     if not _w8a8(weight, act):
@@ -79,8 +86,7 @@ def linear(
         if key not in cache:
             cache[key] = onednn.pack_linear(weight.data)
         packed = cache[key]
-    w_scale = _w_scale(weight, cache) if cache is not None else \
-        weight.scale.float().reshape(-1).expand(weight.shape[0])
+    w_scale = _w_scale(weight, cache)
     return library.w8a8_linear(x, weight.data, w_scale, bias, xs, packed)
 
 
@@ -101,8 +107,7 @@ def conv2d(
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])
     w4 = weight.data.reshape(weight.shape)
-    w_scale = _w_scale(weight, cache) if cache is not None else \
-        weight.scale.float().reshape(-1).expand(weight.shape[0])
+    w_scale = _w_scale(weight, cache)
     packs: list = []
     if _fast(x, cache, backend) and onednn.can_pack_conv(padding, groups, segments):
         # oneDNN takes x_scale at packing time; packs are keyed by segment layout only since
