@@ -45,6 +45,12 @@ def writing_directory(directory: str | Path, overwrite: bool = False) -> Iterato
         raise
 
 
+def check_at_least(option: str, value: int, minimum: int = 1) -> None:
+    """A CLI option's integer must be at least `minimum`."""
+    if value < minimum:
+        raise InputError(f"{option} must be at least {minimum}, got {value}")
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per non-blank line of a UTF-8 text file."""
     path = Path(path)

@@ -17,6 +17,7 @@ from torch import nn
 
 from diffq.api import quantize, weight_bytes
 from diffq.errors import InputError
+from diffq.io import check_at_least
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -108,7 +109,11 @@ def _rss() -> int:
 
 
 def run_bench(s: BenchSettings, progress: bool = True) -> dict:
-    if s.threads:
+    for option, value, minimum in (("--batch", s.batch, 1), ("--repeats", s.repeats, 1),
+                                   ("--warmup", s.warmup, 0), ("--layers", s.layers, 0)):
+        check_at_least(option, value, minimum)
+    if s.threads is not None:
+        check_at_least("--threads", s.threads)
         torch.set_num_threads(s.threads)
     unet, x, ctx = _unet_and_inputs(s)
     t = torch.tensor(500.0)

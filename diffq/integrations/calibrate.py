@@ -21,7 +21,7 @@ from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.integrations.pipeline import SAMPLES_DIR, check_pipeline_dir, default_model_dir, load_pipeline
 from diffq.integrations.unet import check_groups, skip_concat_segments
-from diffq.io import read_prompts, writing_directory
+from diffq.io import check_at_least, read_prompts, writing_directory
 from diffq.nn.convert import plan_layers
 
 
@@ -67,10 +67,9 @@ def _merge(a: dict | None, b: dict) -> dict:
 
 
 def _check(s: CalibrateSettings) -> list[str]:
-    if s.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {s.steps}")
-    if s.num_prompts < 1:
-        raise InputError(f"--num-prompts must be at least 1, got {s.num_prompts}")
+    check_at_least("--steps", s.steps)
+    check_at_least("--num-prompts", s.num_prompts)
+    check_at_least("--batch-size", s.batch_size)
     if s.out.exists() and not s.overwrite:
         raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
     check_pipeline_dir(s.model)

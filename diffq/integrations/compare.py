@@ -17,11 +17,12 @@ import torch
 from diffq.api import collect_stats, quantize, static_layers, weight_bytes
 from diffq.calib.collector import unsplit
 from diffq.core.recipe import load_recipe
+from diffq.errors import InputError
 from diffq.eval.grid import image_grid
 from diffq.integrations.evaluate import EvalSettings, check_settings, real_images, score, scorers
 from diffq.integrations.pipeline import SAMPLES_DIR, generate, load_pipeline
 from diffq.integrations.unet import check_groups, skip_concat_segments
-from diffq.io import read_prompts, writing_directory
+from diffq.io import check_at_least, read_prompts, writing_directory
 from diffq.nn.convert import plan_layers
 
 DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
@@ -65,6 +66,9 @@ def _stats_for(recipe, unet, stats, segments):
 
 def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
     prompts = check_settings(s)
+    check_at_least("--num-prompts", s.num_prompts)
+    if not s.schemes:
+        raise InputError("--schemes names no scheme; e.g. --schemes fp,w8a8")
     recipes = {name: load_recipe(name) for name in s.schemes if name != "fp"}
     for r in recipes.values():
         check_groups(r, s.steps)

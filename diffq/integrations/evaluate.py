@@ -22,7 +22,7 @@ from diffq.integrations.pipeline import (
     load_pipeline,
     quantized_components,
 )
-from diffq.io import read_prompts, writing_directory
+from diffq.io import check_at_least, read_prompts, writing_directory
 
 
 @dataclass
@@ -45,10 +45,9 @@ class EvalSettings:
 
 def check_settings(s) -> list[str]:
     """Validate the options shared by eval and compare; returns N prompts (cycled)."""
-    if s.num_images < 1:
-        raise InputError(f"--num-images must be at least 1, got {s.num_images}")
-    if s.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {s.steps}")
+    check_at_least("--num-images", s.num_images)
+    check_at_least("--steps", s.steps)
+    check_at_least("--batch-size", s.batch_size)
     if s.out.exists() and not s.overwrite:
         raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
     for opt, p in (("--evaluator", s.evaluator), ("--clip-model", s.clip_model),

@@ -111,6 +111,13 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
           tmp_path / "pt_inception.pth"], "does not exist"),
         (["eval", "--model", MODEL, "--clip-model", tmp_path], "needs both"),
         (["compare", "--model", MODEL, "--schemes", "fp,w3a3"], "unknown recipe"),
+        (["compare", "--model", MODEL, "--schemes", ","], "names no scheme"),
+        (["compare", "--model", MODEL, "--num-prompts", "0"], "--num-prompts"),
+        (["eval", "--model", MODEL, "--batch-size", "0"], "--batch-size"),
+        (["calibrate", "--model", MODEL, "--batch-size", "0"], "--batch-size"),
+        (["bench", "--model", tmp_path / "nope"], "has no unet"),
+        (["bench", "--repeats", "0"], "--repeats"),
+        (["bench", "--threads", "0"], "--threads"),
     ]
     for args, needle in cases:
         err = _one_line_exit_2(capsys, *args, "--out", out)
@@ -167,3 +174,23 @@ def test_compare_table(tmp_path, capsys):
     assert [r["scheme"] for r in rows] == ["fp", "naive-w8a8", "w8a8"]
     assert rows[0]["psnr_db"] == "inf" and rows[2]["psnr_db"] > 15
     assert "| w8a8 |" in table and (out / "grid.png").is_file()
+
+
+def test_resume_refuses_a_cache_from_other_settings(capsys, tmp_path):
+    out = tmp_path / "w8a8"
+    cache = tmp_path / ".w8a8.calib-cache"
+    cache.mkdir()
+    (cache / "progress.json").write_text(json.dumps({"meta": {"steps": "50"}, "done": 1}))
+    err = _one_line_exit_2(capsys, "calibrate", "--model", MODEL, "--num-prompts", "2", "--out", out,
+                           "--resume", *FAST)
+    assert "other settings" in err and not out.exists()
+
+
+def test_bench_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert run("bench", "--model", MODEL, "--repeats", "1", "--warmup", "0", "--layers", "1",
+               "--out", out) == 0
+    r = json.loads(out.read_text())
+    assert set(r["step_seconds"]) == {"fp32", "bf16", "quantized", "quantized_fp32"}
+    assert r["weight_bytes"]["quantized"] < 0.6 * r["weight_bytes"]["bf16"]
+    assert len(r["layers"]) == 1 and "| UNet step |" in capsys.readouterr().out
