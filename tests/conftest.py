@@ -1,6 +1,14 @@
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Triton kernels (tests/kernels, -m triton) run in Triton's CPU interpreter without a GPU. Triton
+# reads this when it is imported, and `import diffusers` imports it, so it is set here, before
+# any test module is collected.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
 """The one dispatch point for quantized compute. Quantized modules call only `linear` and
 `conv2d` here. W8A8 calls (static symmetric int8 activations, symmetric int8 per-channel
 weights) go through the `diffq::w8a8_*` custom ops, whose CPU kernel is oneDNN int8 when a
-prepacked weight is available; every other scheme runs the pure-torch reference, which
-dequantizes and runs the float op."""
+prepacked weight is available and whose CUDA kernel is Triton (`diffq.ops.cuda`); weight-only
+int4 per-group layers on CUDA go through `diffq::w4a16_linear`. Every other scheme runs the
+pure-torch reference, which dequantizes and runs the float op."""
 from __future__ import annotations
 
 import torch
 
-from diffq.core.granularity import PerChannel, PerTensor
+from diffq.core.granularity import PerChannel, PerGroup, PerTensor
 from diffq.core.weights import QuantizedWeight
+from diffq.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels; no triton import)
 from diffq.ops import library, onednn, reference
 from diffq.ops.types import ActQuant
 
@@ -24,7 +26,10 @@ def _int8_per_channel(weight: QuantizedWeight) -> bool:
             and isinstance(weight.spec.granularity_obj(), (PerChannel, PerTensor)))
 
 
-def _w8a8(weight: QuantizedWeight, act: ActQuant | None) -> bool:
+def _w8a8(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
+    # On CUDA the op would run Triton whatever is packed, so "reference" must bypass it here.
+    if backend == "reference" and x.device.type == "cuda":
+        return False
     return (act is not None and not act.dynamic and act.fmt.name == "int8"
             and act.zero_point is None and _int8_per_channel(weight))
 
@@ -66,6 +71,11 @@ def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, b
             and _int8_per_channel(weight))
 
 
+def _w4a16(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
+    return (backend == "auto" and act is None and x.device.type == "cuda"
+            and weight.spec.format == "int4" and isinstance(weight.spec.granularity_obj(), PerGroup))
+
+
 def linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None,
     cache: dict | None = None, backend: str = "auto",
@@ -77,7 +87,10 @@ def linear(
                                       _w_scale(weight, cache, x.dtype))
         y = y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias.to(x.dtype)
-    if not _w8a8(weight, act):
+    if _w4a16(x, weight, act, backend):
+        return library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point, bias,
+                                    weight.spec.granularity_obj().group_size)
+    if not _w8a8(weight, act, x, backend):
         return reference.linear(x, weight, bias, act)
     (xs,), _ = _segment_scales(act, x.shape[-1])
     packed = None
@@ -103,7 +116,7 @@ def conv2d(
     backend: str = "auto",
 ) -> torch.Tensor:
     """2-D convolution of x [N, C, H, W] with a quantized weight [O, C/groups, kh, kw]."""
-    if not _w8a8(weight, act) or isinstance(padding, str):
+    if not _w8a8(weight, act, x, backend) or isinstance(padding, str):
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])
     w4 = weight.data.reshape(weight.shape)
@@ -117,5 +130,10 @@ def conv2d(
             cache[key] = onednn.pack_conv(w4, w_scale, scales, segments, stride, padding,
                                           dilation, groups)
         packs = cache[key]
+    elif x.device.type == "cuda" and cache is not None and groups == 1:
+        key = ("conv_ohwi", weight.data.data_ptr())  # the Triton kernel's NHWC weight layout
+        if key not in cache:
+            cache[key] = w4.permute(0, 2, 3, 1).contiguous()
+        packs = [cache[key]]
     return library.w8a8_conv2d(x, w4, w_scale, bias, scales, segments, list(stride),
                                list(padding), list(dilation), groups, packs)

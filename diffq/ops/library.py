@@ -1,6 +1,7 @@
-"""W8A8 ops as `torch.library` custom ops: one schema, a pure-torch default implementation
-(any device), a CPU kernel (oneDNN int8 when a prepacked weight is passed) and a fake
-implementation so `torch.compile` can trace through quantized models.
+"""Quantized compute as `torch.library` custom ops: one schema, a pure-torch default
+implementation (any device; what CPU runs unless noted), a fake implementation so
+`torch.compile` can trace through quantized models, and device kernels: oneDNN int8 on CPU
+for the W8A8 ops when a prepacked weight is passed (here), Triton on CUDA (`diffq.ops.cuda`).
 
 Static per-tensor activation scales are passed per channel segment (`x_scales`, `segments`):
 a UNet layer that consumes cat(h, skip) quantizes each half with its own scale.
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffq.ops import onednn
+from diffq.ops import onednn, reference
 
 
 def _qdq(x: Tensor, scales: list[float], segments: list[int], axis: int) -> Tensor:
@@ -27,12 +28,14 @@ def _dequant_weight(qweight: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Ten
     return (qweight.float() * w_scale.float().reshape(shape)).to(dtype)
 
 
-def _linear_reference(x, qweight, w_scale, bias, x_scale):
+def linear_reference(x, qweight, w_scale, bias, x_scale):
+    """The W8A8 linear in x's dtype: quantize-dequantize x, dequantize W, F.linear."""
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(_qdq(x, [x_scale], [x.shape[-1]], -1), _dequant_weight(qweight, w_scale, x.dtype), b)
 
 
-def _conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation, groups):
+def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation, groups):
+    """The W8A8 conv in x's dtype: x quantized per channel segment and back, then F.conv2d."""
     b = None if bias is None else bias.to(x.dtype)
     return F.conv2d(_qdq(x, x_scales, segments, 1), _dequant_weight(qweight, w_scale, x.dtype), b,
                     stride, padding, dilation, groups)
@@ -42,13 +45,13 @@ def _conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, pad
 def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
                 x_scale: float, packed: Tensor | None = None) -> Tensor:
     """y = dq(q(x)) @ dq(W)^T + b; x [..., K], qweight int8 [N, K], w_scale [N]."""
-    return _linear_reference(x, qweight, w_scale, bias, x_scale)
+    return linear_reference(x, qweight, w_scale, bias, x_scale)
 
 
 @w8a8_linear.register_kernel("cpu")
 def _w8a8_linear_cpu(x, qweight, w_scale, bias, x_scale, packed=None):
     if packed is None:
-        return _linear_reference(x, qweight, w_scale, bias, x_scale)
+        return linear_reference(x, qweight, w_scale, bias, x_scale)
     return onednn.linear_packed(x, packed, w_scale, bias, x_scale)
 
 
@@ -62,9 +65,9 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
                 x_scales: list[float], segments: list[int], stride: list[int],
                 padding: list[int], dilation: list[int], groups: int,
                 packed: list[Tensor]) -> Tensor:
-    """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw];
-    `packed`: oneDNN packs per segment, or [] for the reference computation."""
-    return _conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
+    """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `packed`:
+    oneDNN packs per segment (CPU), the weight as [O, kh, kw, C] (CUDA), or [] (reference)."""
+    return conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
                              dilation, groups)
 
 
@@ -72,7 +75,7 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
 def _w8a8_conv2d_cpu(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation,
                      groups, packed):
     if not packed:
-        return _conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
+        return conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
                                  dilation, groups)
     return onednn.conv2d_packed(x, packed, w_scale, bias, x_scales, segments, stride, padding,
                                 dilation, groups)
@@ -82,3 +85,44 @@ def _w8a8_conv2d_cpu(x, qweight, w_scale, bias, x_scales, segments, stride, padd
 def _w8a8_conv2d_fake(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation,
                       groups, packed):
     return F.conv2d(x, qweight.to(x.dtype), None, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("diffq::w4a16_linear", mutates_args=())
+def w4a16_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Tensor | None,
+                 bias: Tensor | None, group_size: int) -> Tensor:
+    """y = x @ dq(W)^T + b; W int4 [N, K] as diffq stores it: `packed` uint8 [N, K/2], per-group
+    `scale` / `zero_point` [N, K/g, 1]. CPU runs this default: torch's int4pack CPU kernel wants
+    its own layout and zero-point convention and wins only at decode sizes."""
+    return reference.w4a16_linear(x, packed, scale, zero_point, bias, group_size)
+
+
+@w4a16_linear.register_fake
+def _w4a16_linear_fake(x, packed, scale, zero_point, bias, group_size):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+@torch.library.custom_op("diffq::int8_attention", mutates_args=())
+def int8_attention(q: Tensor, k: Tensor, v: Tensor, sm_scale: float | None = None,
+                   block_q: int = 128, block_k: int = 64) -> Tensor:
+    """SageAttention-style softmax(q k^T * sm_scale) v with int8 Q (per `block_q` rows) and
+    smoothed K (per `block_k` rows). q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D]."""
+    return reference.int8_attention(q, k, v, sm_scale, block_q, block_k)
+
+
+@int8_attention.register_fake
+def _int8_attention_fake(q, k, v, sm_scale=None, block_q=128, block_k=64):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("diffq::quantize_act", mutates_args=())
+def quantize_act(x: Tensor, scale: Tensor | None, segments: list[int]) -> tuple[Tensor, Tensor]:
+    """x [..., C] -> (int8 codes [..., C], fp32 scales): static per channel segment (`scale`
+    [S] -> scales [C]) or dynamic per token (`scale` None -> scales [..., 1])."""
+    return reference.quantize_act(x, scale, segments)
+
+
+@quantize_act.register_fake
+def _quantize_act_fake(x, scale, segments):
+    shape = (x.shape[-1],) if scale is not None else (*x.shape[:-1], 1)
+    return (torch.empty(x.shape, dtype=torch.int8, device=x.device),
+            torch.empty(shape, dtype=torch.float32, device=x.device))

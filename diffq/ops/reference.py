@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffq.core.formats import get_format
 from diffq.core.granularity import PerTensor, PerToken
+from diffq.core.pack import unpack_int4
 from diffq.core.quant import QParams, choose_qparams, dequantize, quantize
 from diffq.core.weights import QuantizedWeight
 from diffq.ops.types import ActQuant
@@ -46,3 +48,56 @@ def conv2d(x, weight, bias, act, stride, padding, dilation, groups) -> torch.Ten
     w = weight.dequantize(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     return F.conv2d(_dequant_input(x, act), w, b, stride, padding, dilation, groups)
+
+
+def per_channel_scales(scale: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """Per-segment scales [S] -> fp32 per-channel scales [sum(segments)] (a new tensor)."""
+    s = scale.reshape(-1).float()
+    return torch.cat([s[i:i + 1].expand(n) for i, n in enumerate(segments)])
+
+
+def quantize_act(x: torch.Tensor, scale: torch.Tensor | None,
+                 segments: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of x [..., C] and the scales that dequantize them: static with one
+    scale per channel segment (`scale` [S]; returned per channel, [C]), or dynamic per token
+    when `scale` is None (returned [..., 1])."""
+    int8 = get_format("int8")
+    if scale is None:
+        s = choose_qparams(x, int8, PerToken(-1)).scale
+    else:
+        s = per_channel_scales(scale, segments)
+    return quantize(x, QParams(s), int8, PerTensor()).contiguous(), s
+
+
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor | None, bias: torch.Tensor | None,
+                 group_size: int) -> torch.Tensor:
+    """x [..., K] @ dq(W)^T + b; W int4 [N, K] in diffq's storage: `packed` uint8 [N, K/2],
+    per-group `scale` and `zero_point` [N, K/g(, 1)]."""
+    n = packed.shape[0]
+    q = unpack_int4(packed).reshape(n, -1, group_size).float()
+    if zero_point is not None:
+        q = q - zero_point.reshape(n, -1, 1).float()
+    w = (q * scale.reshape(n, -1, 1).float()).reshape(n, -1).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _qdq_row_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric int8 quantize-dequantize of x [B, H, L, D] with one scale per `block` rows."""
+    b, h, length, d = x.shape
+    n = -(-length // block)
+    xb = F.pad(x, (0, 0, 0, n * block - length)).reshape(b, h, n, block * d)
+    scale = xb.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(xb / scale).clamp(-128, 127)
+    return (q * scale).reshape(b, h, n * block, d)[:, :, :length]
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+                   block_q: int = 128, block_k: int = 64) -> torch.Tensor:
+    """SageAttention numerics in fp32: K minus its mean over the sequence, Q and K quantized to
+    int8 per block of rows, softmax(q k^T * sm_scale) v. q [B, H, Lq, D], k/v [B, H, Lk, D]."""
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    k = k.float() - k.mean(dim=2, keepdim=True, dtype=torch.float32)
+    scores = _qdq_row_blocks(q.float(), block_q) @ _qdq_row_blocks(k, block_k).transpose(-1, -2)
+    return ((scores * scale).softmax(dim=-1) @ v.float()).to(q.dtype)

@@ -1,0 +1,72 @@
+"""CUDA kernels of the diffq ops: the Triton kernels of `diffq.kernels`, imported on the first
+CUDA call so that `import diffq` never imports triton. What a kernel does not cover (grouped
+convs, fp32 W4A16 activations, a machine without triton) runs the pure-torch reference.
+
+The W8A8 op schemas take activation scales as Python floats, so each call copies them to the
+device; the kernels themselves also read scales from device tensors (timestep-group tables).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from diffq.ops import library, reference
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@library.w8a8_linear.register_kernel("cuda")
+def _w8a8_linear_cuda(x, qweight, w_scale, bias, x_scale, packed=None):
+    if not triton_available():
+        return library.linear_reference(x, qweight, w_scale, bias, x_scale)
+    from diffq.kernels import w8a8_gemm
+
+    return w8a8_gemm.w8a8_linear(x, qweight, w_scale, bias, x_scale)
+
+
+@library.w8a8_conv2d.register_kernel("cuda")
+def _w8a8_conv2d_cuda(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation,
+                      groups, packed):
+    if groups != 1 or not triton_available():
+        return library.conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride,
+                                        padding, dilation, groups)
+    from diffq.kernels import int8_conv
+
+    w_ohwi = packed[0] if packed else qweight.permute(0, 2, 3, 1).contiguous()
+    xs = torch.tensor(x_scales, dtype=torch.float32).to(x.device, non_blocking=True)
+    return int8_conv.w8a8_conv2d(x, w_ohwi, w_scale, bias, xs, segments, stride, padding, dilation)
+
+
+@library.w4a16_linear.register_kernel("cuda")
+def _w4a16_linear_cuda(x, packed, scale, zero_point, bias, group_size):
+    if x.dtype not in (torch.float16, torch.bfloat16) or group_size % 16 or not triton_available():
+        return reference.w4a16_linear(x, packed, scale, zero_point, bias, group_size)
+    from diffq.kernels import w4a16_gemm
+
+    return w4a16_gemm.w4a16_matmul(x, packed, scale, zero_point, bias, group_size)
+
+
+@library.int8_attention.register_kernel("cuda")
+def _int8_attention_cuda(q, k, v, sm_scale=None, block_q=128, block_k=64):
+    if not triton_available():
+        return reference.int8_attention(q, k, v, sm_scale, block_q, block_k)
+    from diffq.kernels import int8_attention
+
+    return int8_attention.int8_attention(q, k, v, sm_scale, block_q, block_k)
+
+
+@library.quantize_act.register_kernel("cuda")
+def _quantize_act_cuda(x: Tensor, scale: Tensor | None, segments: list[int]) -> tuple[Tensor, Tensor]:
+    if not triton_available():
+        return reference.quantize_act(x, scale, segments)
+    from diffq.kernels import act_quant
+
+    if scale is None:
+        return act_quant.quantize_dynamic(x)
+    return act_quant.quantize_static(x, scale, segments), reference.per_channel_scales(scale, segments)

@@ -1,0 +1,60 @@
+"""The diffq::w4a16_linear / int8_attention / quantize_act ops: schema and fake checks, their
+pure-torch defaults against independent math, and the CUDA (Triton) kernels being registered
+for every op without importing triton."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffq.core.recipe import WeightSpec
+from diffq.core.weights import quantize_weight
+from diffq.ops import library
+
+OPS = ("w8a8_linear", "w8a8_conv2d", "w4a16_linear", "int8_attention", "quantize_act")
+
+
+def test_cuda_kernels_are_registered_without_importing_triton():
+    code = ("import sys, torch, diffq.ops; print([torch._C._dispatch_has_kernel_for_dispatch_key("
+            f"'diffq::' + n, 'CUDA') for n in {OPS!r}], 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"{[True] * len(OPS)} False"
+
+
+def _w4_args(gen, symmetric):
+    qw = quantize_weight(torch.randn(24, 128, generator=gen),
+                         WeightSpec("int4", "per_group", 32, symmetric, scale_dtype="float16"))
+    x = torch.randn(3, 5, 128, generator=gen)
+    return qw, (x, qw.data, qw.scale, qw.zero_point, torch.randn(24, generator=gen), 32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w4a16_default_is_the_dequantized_linear(gen, symmetric):
+    qw, args = _w4_args(gen, symmetric)
+    torch.library.opcheck(torch.ops.diffq.w4a16_linear.default, args)
+    y = library.w4a16_linear(*args)
+    assert torch.equal(y, F.linear(args[0], qw.dequantize(torch.float32), args[4]))
+
+
+def test_quantize_act_static_segments_and_dynamic(gen):
+    x = torch.randn(2, 6, 24, generator=gen) * 3
+    scale = torch.tensor([0.02, 0.05])
+    torch.library.opcheck(torch.ops.diffq.quantize_act.default, (x, scale, [16, 8]))
+    torch.library.opcheck(torch.ops.diffq.quantize_act.default, (x, None, [24]))
+    q, s = library.quantize_act(x, scale, [16, 8])
+    expect = torch.cat([torch.full((16,), 0.02), torch.full((8,), 0.05)])
+    assert torch.equal(s, expect)
+    assert torch.equal(q, torch.round(x / expect).clamp(-128, 127).to(torch.int8))
+    q, s = library.quantize_act(x, None, [24])
+    assert s.shape == (2, 6, 1) and torch.equal(s, x.abs().amax(-1, keepdim=True) / 127)
+    assert (q.float() * s - x).abs().max() <= s.max() / 2 + 1e-6  # within half a step
+
+
+def test_int8_attention_default_is_close_to_float_attention(gen):
+    q, k, v = (torch.randn(1, 2, 70, 32, generator=gen) for _ in range(3))
+    k = k + 3 * torch.randn(1, 2, 1, 32, generator=gen)  # a shared offset: smoothing removes it
+    torch.library.opcheck(torch.ops.diffq.int8_attention.default, (q, k, v, None, 32, 32))
+    out = library.int8_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert float(F.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) > 0.999
