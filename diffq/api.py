@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +11,15 @@ import torch
 from torch import nn
 
 from diffq.calib.collector import ActivationCollector, LayerStats, run_calibration
+from diffq.calib.hessian import InputCollector
 from diffq.calib.scales import choose_boundaries, scale_table
 from diffq.core.recipe import LayerPlan, Recipe, load_recipe
-from diffq.errors import CalibrationError
+from diffq.errors import CalibrationError, RecipeError
+from diffq.mixed.plan import Allocation, choose, layer_candidates
+from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.convert import QuantizationReport, convert, plan_layers
+from diffq.nn.prepare import input_needs, prepare_layer
 from diffq.nn.timestep import TimestepClock, TimestepOf, install_clock
 
 
@@ -53,21 +59,53 @@ def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
     return out
 
 
-def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bool = False):
+def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bool = False,
+                  inputs: InputCollector | None = None):
     """Run calibration `data` (iterable of call items, or a callable that drives the model,
-    e.g. a pipeline loop) and return name -> LayerStats."""
+    e.g. a pipeline loop) and return name -> LayerStats. `inputs` (Hessians etc.) is filled
+    in the same pass."""
     clock = TimestepClock()
     handle = install_clock(model, clock, timestep_of)
     try:
         collector = ActivationCollector(layers, clock)
-        if callable(data):
-            with torch.inference_mode(), collector:
-                data()
-        else:
-            run_calibration(model, data, collector, progress)
+        with inputs if inputs is not None else nullcontext():
+            if callable(data):
+                with torch.inference_mode(), collector:
+                    data()
+            else:
+                run_calibration(model, data, collector, progress)
     finally:
         handle.remove()
     return collector.stats()
+
+
+@dataclass
+class MixedResult:
+    """A resolved mixed-precision recipe and the evidence behind it."""
+
+    recipe: Recipe
+    allocation: Allocation
+    table: SensitivityTable
+    measured_error: float  # FAKE-QUANT relative output MSE with every layer at its chosen width
+
+
+def plan_mixed(model: nn.Module, recipe: str | Path | Recipe, calls: list,
+               table: SensitivityTable | None = None, progress: bool = False) -> MixedResult:
+    """Measure per-layer sensitivity on `calls` (model call items, e.g. recorded UNet calls),
+    choose widths under the recipe's budget and return the recipe with per-layer overrides."""
+    recipe = load_recipe(recipe)
+    if recipe.mixed is None:
+        raise RecipeError(f"recipe {recipe.name!r} has no 'mixed' section")
+    if not calls:
+        raise CalibrationError("mixed precision needs calibration items to measure sensitivity")
+    plans, _ = plan_layers(model, recipe)
+    layers = {n: model.get_submodule(n) for n in plans}
+    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+    if table is None or table.layers != list(layers):
+        table = measure_sensitivity(model, layers, calls, layer_candidates(recipe.mixed, shapes), progress)
+    alloc = choose(table, recipe.mixed, shapes)
+    measured = measure_allocation(model, layers, calls, alloc.specs)
+    return MixedResult(recipe.resolve_mixed(alloc.specs), alloc, table, measured)
 
 
 def quantize(
@@ -82,31 +120,57 @@ def quantize(
     """Quantize `model` in place and return it; `model.diffq_report` says what was done.
 
     recipe: built-in name ("w8a8", "w8", "w4g64", ...), YAML path or Recipe.
-    calibration: items are a tensor, a tuple of args, a dict of kwargs or an (args, kwargs) pair;
-    needed only for static activation scales. timestep_of(args, kwargs) returns the timestep of a
+    calibration: items are a tensor, a tuple of args, a dict of kwargs or an (args, kwargs) pair
+    (or a callable that drives the model); needed for static activation scales and for weights
+    chosen from the layer inputs (weights.method gptq / awq, activations.smoothing), which share
+    one pass over it. timestep_of(args, kwargs) returns the timestep of a
     call (default: the `timestep` keyword or the second positional argument).
     segments: layer name -> input channel segment sizes that get separate activation scales
     (used where the layer's activation spec sets split_skip).
     stats: precollected statistics (see `collect_stats`), instead of running `calibration`.
+    A recipe with a `mixed` section first measures per-layer sensitivity on the first
+    prompts * timesteps calibration items and picks widths (see `plan_mixed`).
     """
     recipe = load_recipe(recipe)
+    if recipe.mixed is not None:
+        if callable(calibration):
+            raise CalibrationError("mixed precision replays calibration items; pass a list, not a callable")
+        calibration = list(calibration or [])  # used twice: sensitivity, then statistics
+        items = calibration[: recipe.mixed.prompts * recipe.mixed.timesteps]
+        recipe = plan_mixed(model, recipe, items, progress=progress).recipe
     plans, report = plan_layers(model, recipe)
     segments = {n: seg for n, seg in (segments or {}).items() if n in plans
                 and plans[n].activations is not None and plans[n].activations.split_skip}
     layers = static_layers(model, plans, segments)
-    if layers and stats is None:
+    needs = {n: nd for n, p in plans.items() if (nd := input_needs(model.get_submodule(n), p))}
+    inputs = None
+    if needs:
+        if calibration is None:
+            raise CalibrationError("the recipe chooses weights from the layer inputs (weights.method "
+                                   "gptq / awq or activations.smoothing) and needs calibration data "
+                                   "(pass calibration=...)")
+        inputs = InputCollector({n: model.get_submodule(n) for n in needs},
+                                hessian=[n for n, (h, _) in needs.items() if h],
+                                samples={n: k for n, (_, k) in needs.items() if k})
+    if (layers and stats is None) or inputs is not None:
         if calibration is None:
             raise CalibrationError(
                 "the recipe quantizes activations statically and needs calibration data "
                 "(pass calibration=...), or use a weight-only / dynamic recipe"
             )
-        stats = collect_stats(model, layers, calibration, timestep_of, progress)
+        found = collect_stats(model, layers if stats is None else {}, calibration, timestep_of,
+                              progress, inputs)
+        stats = found if stats is None else stats
     missing = [n for n in layers if n not in (stats or {})]
     if missing:
         raise CalibrationError(f"no calibration statistics for layer {missing[0]!r} "
                                f"({len(missing)} layers); were they collected for another model?")
     stats = {n: stats[n] for n in layers}
-    converted = convert(model, plans, segments)
+    input_stats = {} if inputs is None else inputs.stats()
+    prepared = {n: prepare_layer(model.get_submodule(n), plans[n], input_stats[n]) for n in needs}
+    converted = convert(model, plans, segments, weights={n: p.weight for n, p in prepared.items()},
+                        input_scales={n: p.input_scale for n, p in prepared.items()
+                                      if p.input_scale is not None})
     bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
     for name, st in stats.items():
         spec = plans[name].activations
@@ -116,7 +180,8 @@ def quantize(
         scale, zp = scale_table(st, bounds[key], spec)
         converted[name].input_quant.set_table(scale, bounds[key], zp)
     attach_clock(model, timestep_of)
-    report.quantized = {n: describe_plan(p) for n, p in plans.items()}
+    report.quantized = {n: describe_plan(p) + (f" [{prepared[n].note}]" if n in prepared else "")
+                        for n, p in plans.items()}
     model.diffq_report = report
     model.diffq_recipe = recipe
     return model
@@ -144,4 +209,4 @@ def weight_bytes(model: nn.Module, float_dtype: torch.dtype | None = torch.bfloa
     return total
 
 
-__all__ = ["quantize", "weight_bytes", "attach_clock", "QuantizationReport"]
+__all__ = ["quantize", "plan_mixed", "MixedResult", "weight_bytes", "attach_clock", "QuantizationReport"]

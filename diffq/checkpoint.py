@@ -89,8 +89,9 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def _plans(model: nn.Module, layers: dict) -> tuple[dict[str, LayerPlan], dict[str, list[int]]]:
-    plans, segments = {}, {}
+def _plans(model: nn.Module, layers: dict
+           ) -> tuple[dict[str, LayerPlan], dict[str, list[int]], dict[str, torch.Tensor]]:
+    plans, segments, input_scales = {}, {}, {}
     for name, d in layers.items():
         try:
             m = model.get_submodule(name)
@@ -117,7 +118,9 @@ def _plans(model: nn.Module, layers: dict) -> tuple[dict[str, LayerPlan], dict[s
             raise CheckpointError(f"layer {name!r} has an invalid scheme in {META_FILE}: {e}") from None
         if d.get("segments"):
             segments[name] = d["segments"]
-    return plans, segments
+        if d.get("input_scale"):  # placeholder of the right size; the values are in the tensors
+            input_scales[name] = torch.ones(m.weight.shape[1] * getattr(m, "groups", 1))
+    return plans, segments, input_scales
 
 
 def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module:
@@ -132,8 +135,8 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module
         raise CheckpointError(f"{directory} has no {TENSOR_FILE}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{directory / TENSOR_FILE} is corrupt: {e}") from None
-    plans, segments = _plans(model, meta["layers"])
-    convert(model, plans, segments, empty=True)
+    plans, segments, input_scales = _plans(model, meta["layers"])
+    convert(model, plans, segments, empty=True, input_scales=input_scales)
     for alias, canonical in meta.get("aliases", {}).items():
         if canonical in tensors:
             tensors[alias] = tensors[canonical]

@@ -17,9 +17,31 @@ WeightFormat = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4", "q8_0"]
 
 
 @dataclass(frozen=True)
+class GPTQOptions:
+    """Settings of `weights.method: gptq` (see `diffq.algos.gptq`): columns per lazy-update
+    block, quantization order by decreasing input energy, all group scales chosen up front,
+    and the diagonal damping as a fraction of mean(diag H)."""
+
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise RecipeError(f"weights.gptq.block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.damp < 1.0:
+            raise RecipeError(f"weights.gptq.damp must be in [0, 1), got {self.damp}")
+
+
+@dataclass(frozen=True)
 class WeightSpec:
     """How a layer's weight is stored. The weight is viewed as [out, in * kh * kw];
-    per-group scales run along that reduction dimension. `q8_0` is GGUF's block-32 layout."""
+    per-group scales run along that reduction dimension. `q8_0` is GGUF's block-32 layout.
+
+    method: how the codes are chosen: round-to-nearest, GPTQ (error feedback through the input
+    Hessian) or AWQ (activation-aware input-channel scaling); the last two need calibration.
+    """
 
     format: WeightFormat = "int8"
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
@@ -27,8 +49,12 @@ class WeightSpec:
     symmetric: bool = True
     clip: Literal["none", "mse"] = "none"
     scale_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    gptq: GPTQOptions | None = None  # None: the defaults
 
     def validate(self) -> None:
+        if self.gptq is not None and self.method != "gptq":
+            raise RecipeError(f"weights.gptq is set but weights.method is {self.method!r}")
         if self.format == "q8_0" and (
             self.granularity != "per_group" or self.group_size != 32 or not self.symmetric
         ):
@@ -43,6 +69,9 @@ class WeightSpec:
     @property
     def bits(self) -> int:
         return 4 if self.format in ("int4", "nf4") else 8
+
+    def gptq_options(self) -> GPTQOptions:
+        return self.gptq or GPTQOptions()
 
     def granularity_obj(self) -> Granularity:
         if self.granularity == "per_tensor":
@@ -59,7 +88,9 @@ class ActivationSpec:
     static: scales from calibration, one table entry per timestep group (K = timestep_groups,
     split where layer ranges change most, or into equal counts with "uniform"); dynamic:
     per-token scales computed on the fly (no calibration). split_skip: layers consuming
-    cat(h, skip) in a UNet's up path get one scale per half.
+    cat(h, skip) in a UNet's up path get one scale per half. smoothing: SmoothQuant on Linear
+    layers (dynamic mode only): inputs divided per channel by s, weights multiplied; s from
+    `smooth_alpha`, or with α searched on calibration samples when it is null.
     """
 
     format: Literal["int8", "fp8_e4m3"] = "int8"
@@ -71,8 +102,16 @@ class ActivationSpec:
     timestep_groups: int = 1
     timestep_grouping: Literal["range", "uniform"] = "range"
     split_skip: bool = False
+    smoothing: Literal["none", "smoothquant"] = "none"
+    smooth_alpha: float | None = None
 
     def validate(self) -> None:
+        if self.smoothing != "none" and self.mode != "dynamic":
+            # static scales would have to be calibrated on the smoothed inputs
+            raise RecipeError("activations.smoothing needs mode 'dynamic'")
+        if self.smooth_alpha is not None and (self.smoothing == "none" or not 0 <= self.smooth_alpha <= 1):
+            raise RecipeError(f"activations.smooth_alpha must be in [0, 1] with smoothing set, "
+                              f"got {self.smooth_alpha}")
         if self.mode == "static" and self.granularity != "per_tensor":
             raise RecipeError("activations: static mode needs granularity 'per_tensor'")
         if self.mode == "dynamic" and self.granularity != "per_token":
@@ -102,6 +141,52 @@ class Override:
 
 
 @dataclass(frozen=True)
+class MinBits:
+    """Policy: layers matching `match` never get fewer than `bits` weight bits (16 = float)."""
+
+    match: list[str]
+    bits: int
+
+
+@dataclass(frozen=True)
+class MixedSpec:
+    """Sensitivity-driven mixed precision: each quantized layer gets one of `candidates` (or
+    float when allow_float) so that the summed measured sensitivity is minimal under the budget:
+    `target_bits` (average nominal weight width over those layers) or `max_bytes` (their real
+    storage, scales included). Sensitivity is measured on `prompts` calibration prompts at
+    `timesteps` denoising steps each (or that many calibration items for plain models)."""
+
+    candidates: list[WeightSpec]
+    target_bits: float | None = None
+    max_bytes: int | None = None
+    allow_float: bool = True
+    min_bits: list[MinBits] = field(default_factory=list)
+    prompts: int = 8
+    timesteps: int = 5
+
+    def validate(self) -> None:
+        widths = [c.bits for c in self.candidates] + ([16] if self.allow_float else [])
+        if not self.candidates or len(set(widths)) != len(widths):
+            raise RecipeError("mixed.candidates: give one weight spec per distinct width")
+        if (self.target_bits is None) == (self.max_bytes is None):
+            raise RecipeError("mixed: set exactly one of target_bits and max_bytes")
+        if self.target_bits is not None and not min(widths) <= self.target_bits <= max(widths):
+            raise RecipeError(f"mixed.target_bits {self.target_bits} is outside the candidate "
+                              f"widths {min(widths)}..{max(widths)}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise RecipeError("mixed.max_bytes must be positive")
+        if self.prompts < 1 or self.timesteps < 1:
+            raise RecipeError("mixed.prompts and mixed.timesteps must be >= 1")
+        for rule in self.min_bits:
+            if rule.bits not in (4, 8, 16):
+                raise RecipeError(f"mixed.min_bits: bits must be 4, 8 or 16, got {rule.bits}")
+
+    def min_bits_for(self, layer_name: str) -> int:
+        return max((r.bits for r in self.min_bits
+                    if any(fnmatch.fnmatchcase(layer_name, p) for p in r.match)), default=0)
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """The resolved scheme of one layer."""
 
@@ -122,6 +207,8 @@ class Recipe:
     # pipeline components `diffq calibrate` quantizes; text encoders get timestep_groups 1
     components: list[Literal["unet", "transformer", "text_encoder", "text_encoder_2"]] = field(
         default_factory=lambda: ["unet"])
+    # per-layer widths chosen by measured sensitivity (resolved into overrides before quantizing)
+    mixed: MixedSpec | None = None
 
     def validate(self) -> None:
         if not self.components:
@@ -148,11 +235,20 @@ class Recipe:
         return plan
 
     def patterns(self) -> list[str]:
-        return [*self.skip, *(p for ov in self.overrides for p in ov.match)]
+        mixed = [p for r in self.mixed.min_bits for p in r.match] if self.mixed else []
+        return [*self.skip, *(p for ov in self.overrides for p in ov.match), *mixed]
+
+    def resolve_mixed(self, widths: dict[str, WeightSpec | None]) -> Recipe:
+        """This recipe with the chosen per-layer weight specs (None: float) as exact-name
+        overrides appended last, and no `mixed` section left to resolve."""
+        extra = [Override(match=[n], weights=w, keep_float=w is None) for n, w in widths.items()]
+        return replace(self, mixed=None, overrides=[*self.overrides, *extra])
 
     def needs_calibration(self) -> bool:
         specs = [self.activations, *(ov.activations for ov in self.overrides)]
-        return any(s is not None and s.mode == "static" for s in specs)
+        weights = [self.weights, *(ov.weights for ov in self.overrides)]
+        return (any(s is not None and (s.mode == "static" or s.smoothing != "none") for s in specs)
+                or any(w is not None and w.method != "rtn" for w in weights))
 
     def to_dict(self) -> dict:
         return to_dict(self)

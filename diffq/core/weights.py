@@ -78,11 +78,14 @@ def quantize_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     # Quantize with the scale as stored, so dequantization reproduces exactly what was chosen.
     qp = QParams(scale.float(), qp.zero_point)
     q = quantize(w2, qp, fmt, g).reshape(w2.shape[0], -1)
-    if fmt.name == "int4":
-        data = pack_int4(q)
-    elif fmt.name == "nf4":
-        data = pack_nibbles(q)
-    else:
-        data = q
     zp = None if qp.zero_point is None else qp.zero_point.to(torch.int8)
-    return QuantizedWeight(data, scale, zp, spec, shape)
+    return QuantizedWeight(pack_codes(q, fmt), scale, zp, spec, shape)
+
+
+def pack_codes(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Codes [O, K] as stored: two 4-bit codes per byte for int4 / nf4, unchanged otherwise."""
+    if fmt.name == "int4":
+        return pack_int4(codes)
+    if fmt.name == "nf4":
+        return pack_nibbles(codes)
+    return codes

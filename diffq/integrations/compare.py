@@ -14,16 +14,17 @@ from pathlib import Path
 
 import torch
 
-from diffq.api import collect_stats, quantize, static_layers, weight_bytes
+from diffq.api import collect_stats, plan_mixed, quantize, static_layers, weight_bytes
 from diffq.calib.collector import unsplit
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.eval.grid import image_grid
 from diffq.integrations.evaluate import EvalSettings, check_settings, real_images, score, scorers
-from diffq.integrations.pipeline import SAMPLES_DIR, generate, load_pipeline
+from diffq.integrations.pipeline import SAMPLES_DIR, generate, load_pipeline, unet_calls
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import check_at_least, read_prompts, writing_directory
 from diffq.nn.convert import plan_layers
+from diffq.nn.prepare import input_needs
 
 DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
 
@@ -46,6 +47,11 @@ def _shared_stats(pipe, recipes, s: CompareSettings, progress: bool):
         layers.update(static_layers(unet, plans, segments))
     if not layers:
         return {}
+    return collect_stats(unet, layers, _calibration_pass(pipe, s), progress=progress)
+
+
+def _calibration_pass(pipe, s: CompareSettings):
+    """A callable sampling the calibration prompts with whatever UNet `pipe` holds."""
     prompts = read_prompts(s.calib_prompts)[: s.num_prompts]
 
     def drive():
@@ -54,8 +60,7 @@ def _shared_stats(pipe, recipes, s: CompareSettings, progress: bool):
             gens = [torch.Generator().manual_seed(s.seed + 10_000 + i + k) for k in range(len(batch))]
             pipe(batch, num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens,
                  output_type="latent")
-
-    return collect_stats(unet, layers, drive, progress=progress)
+    return drive
 
 
 def _stats_for(recipe, unet, stats, segments):
@@ -90,9 +95,17 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
             imgs, secs, wbytes = fp_imgs, fp_seconds, fp_bytes
         else:
             unet = copy.deepcopy(fp_unet)
-            quantize(unet, recipes[name], segments=segments,
-                     stats=_stats_for(recipes[name], unet, stats, segments))
-            pipe.unet = unet
+            recipe = recipes[name]
+            if recipe.mixed is not None:  # sensitivity on the calibration prompts, as calibrate does
+                calls = unet_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
+                                   s.guidance, s.seed + 10_000, recipe.mixed.timesteps)
+                recipe = plan_mixed(unet, recipe, calls, progress=progress).recipe
+            plans, _ = plan_layers(unet, recipe)
+            pipe.unet = unet  # GPTQ / AWQ read this UNet's layer inputs while the pipeline samples
+            drive = (_calibration_pass(pipe, s)
+                     if any(input_needs(unet.get_submodule(n), p) for n, p in plans.items()) else None)
+            quantize(unet, recipe, segments=segments, stats=_stats_for(recipe, unet, stats, segments),
+                     calibration=drive)
             t0 = time.perf_counter()
             imgs = generate(pipe, prompts, seeds, desc=name, **kw)
             secs = (time.perf_counter() - t0) / len(prompts)

@@ -94,3 +94,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
         bar.update(len(ps))
     bar.close()
     return images
+
+
+def unet_calls(pipe, prompts: list[str], steps: int, guidance: float, seed: int, timesteps: int) -> list:
+    """The UNet calls (args, kwargs) of one sampling run over `prompts` at `timesteps` evenly
+    spaced denoising steps, to replay (mixed-precision sensitivity)."""
+    from diffq.mixed.sensitivity import record_calls
+
+    keep = set(torch.linspace(0, steps - 1, min(timesteps, steps)).round().long().tolist())
+    gens = [torch.Generator().manual_seed(seed + k) for k in range(len(prompts))]
+    return record_calls(pipe.unet, lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
+                                                generator=gens, output_type="latent"),
+                        keep=keep.__contains__)

@@ -9,8 +9,9 @@ from diffq.core.recipe import ActivationSpec, WeightSpec
 from diffq.core.weights import QuantizedWeight, quantize_weight
 from diffq.nn.activation import ActivationQuantizer
 
-# Buffers whose dtype is the storage format itself: model.to(dtype) must move, never cast them.
-_STORAGE = ("qweight", "weight_scale", "weight_zero_point")
+# Buffers whose dtype is the storage format itself: model.to(dtype) must move, never cast them
+# (input_scale stays float32: it must match the factor the stored weight was multiplied by).
+_STORAGE = ("qweight", "weight_scale", "weight_zero_point", "input_scale")
 
 
 class QuantizedLayer(nn.Module):
@@ -25,6 +26,7 @@ class QuantizedLayer(nn.Module):
         bias: torch.Tensor | None,
         act: ActivationSpec | None,
         segments: list[int],
+        input_scale: torch.Tensor | None = None,
     ) -> None:
         self.weight_spec = qw.spec
         self.weight_shape = qw.shape
@@ -38,9 +40,26 @@ class QuantizedLayer(nn.Module):
         self.input_quant = (
             None if act is None else ActivationQuantizer(act, self.feature_axis, segments)
         )
+        if input_scale is not None:  # AWQ / SmoothQuant: x * input_scale before quantizing x
+            self.register_buffer("input_scale", input_scale.detach().float().clone())
+
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x times the per-input-channel `input_scale` (when the layer has one), in float32 so
+        that half-precision inputs see the same factor the weight was multiplied by."""
+        s = getattr(self, "input_scale", None)
+        if s is None:
+            return x
+        shape = [1] * x.dim()
+        shape[self.feature_axis] = -1
+        return (x * s.reshape(shape)).to(x.dtype)
 
     @staticmethod
-    def _quantize_or_shape(weight: torch.Tensor, spec: WeightSpec, empty: bool) -> QuantizedWeight:
+    def _quantize_or_shape(weight: torch.Tensor, spec: WeightSpec, empty: bool,
+                           prepared: QuantizedWeight | None = None) -> QuantizedWeight:
+        if prepared is not None:  # chosen by a calibration-driven method (GPTQ, AWQ)
+            if prepared.shape != tuple(weight.shape):
+                raise ValueError(f"prepared weight shape {prepared.shape} != layer {tuple(weight.shape)}")
+            return prepared
         if not empty:
             return quantize_weight(weight, spec)
         # Same storage shapes without the cost of quantizing: run on the meta device, then zeros.
@@ -83,4 +102,5 @@ class QuantizedLayer(nn.Module):
             "weights": to_dict(self.weight_spec),
             "activations": None if q is None else to_dict(q.spec),
             "segments": None if q is None else q.segments,
+            "input_scale": hasattr(self, "input_scale"),
         }

@@ -4,9 +4,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from diffq.core.recipe import LayerPlan, Recipe
+from diffq.core.weights import QuantizedWeight
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.qconv2d import QConv2d
 from diffq.nn.qlinear import QLinear
@@ -82,14 +84,19 @@ def convert(
     plans: dict[str, LayerPlan],
     segments: dict[str, list[int]] | None = None,
     empty: bool = False,
+    weights: dict[str, QuantizedWeight] | None = None,
+    input_scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedLayer]:
-    """Replace each planned layer by its quantized twin (empty=True: zeros, for loading)."""
-    segments = segments or {}
+    """Replace each planned layer by its quantized twin (empty=True: zeros, for loading).
+    `weights`: already quantized weights (GPTQ, AWQ) by layer name, the others are rounded
+    here; `input_scales`: per-input-channel factors [C] of AWQ / SmoothQuant layers."""
+    segments, weights, input_scales = segments or {}, weights or {}, input_scales or {}
     out: dict[str, QuantizedLayer] = {}
     for name, plan in plans.items():
         m = model.get_submodule(name)
         cls = QLinear if isinstance(m, nn.Linear) else QConv2d
-        q = cls(m, plan.weights, plan.activations, segments.get(name), empty=empty)
+        q = cls(m, plan.weights, plan.activations, segments.get(name), empty=empty,
+                qweight=weights.get(name), input_scale=input_scales.get(name))
         q.to(device=m.weight.device)
         if q.input_quant is not None:
             q.input_quant.name = name

@@ -6,6 +6,7 @@ from torch import nn
 
 from diffq import ops
 from diffq.core.recipe import ActivationSpec, WeightSpec
+from diffq.core.weights import QuantizedWeight
 from diffq.nn.base import QuantizedLayer
 
 
@@ -15,19 +16,22 @@ class QConv2d(QuantizedLayer):
     feature_axis = 1
 
     def __init__(self, conv: nn.Conv2d, weights: WeightSpec, activations: ActivationSpec | None,
-                 segments: list[int] | None = None, empty: bool = False):
+                 segments: list[int] | None = None, empty: bool = False,
+                 qweight: QuantizedWeight | None = None, input_scale: torch.Tensor | None = None):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        qw = self._quantize_or_shape(conv.weight, weights, empty)
-        self._init_quantized(qw, conv.bias, activations, segments or [conv.in_channels])
+        qw = self._quantize_or_shape(conv.weight, weights, empty, qweight)
+        self._init_quantized(qw, conv.bias, activations, segments or [conv.in_channels],
+                             input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d(x, self.quantized_weight, self.bias, self.act_params(), self.stride,
-                          self.padding, self.dilation, self.groups, self.kernel_cache, self.backend)
+        return ops.conv2d(self.scale_input(x), self.quantized_weight, self.bias, self.act_params(),
+                          self.stride, self.padding, self.dilation, self.groups, self.kernel_cache,
+                          self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -6,6 +6,7 @@ from torch import nn
 
 from diffq import ops
 from diffq.core.recipe import ActivationSpec, WeightSpec
+from diffq.core.weights import QuantizedWeight
 from diffq.nn.base import QuantizedLayer
 
 
@@ -15,14 +16,16 @@ class QLinear(QuantizedLayer):
     feature_axis = -1
 
     def __init__(self, linear: nn.Linear, weights: WeightSpec, activations: ActivationSpec | None,
-                 segments: list[int] | None = None, empty: bool = False):
+                 segments: list[int] | None = None, empty: bool = False,
+                 qweight: QuantizedWeight | None = None, input_scale: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        qw = self._quantize_or_shape(linear.weight, weights, empty)
-        self._init_quantized(qw, linear.bias, activations, segments or [linear.in_features])
+        qw = self._quantize_or_shape(linear.weight, weights, empty, qweight)
+        self._init_quantized(qw, linear.bias, activations, segments or [linear.in_features],
+                             input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.quantized_weight, self.bias, self.act_params(),
+        return ops.linear(self.scale_input(x), self.quantized_weight, self.bias, self.act_params(),
                           self.kernel_cache, self.backend)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,19 @@ BAD = {
     "unknown_component": ("components: [unet, vae]\n", "components[1]"),
     "no_component": ("components: []\n", "components"),
     "invalid_yaml": ("weights: {format: int8\n", "not valid YAML"),
+    "unknown_method": ("weights: {method: squeeze}\n", "weights.method"),
+    "gptq_unknown_key": ("weights: {method: gptq, gptq: {blocksize: 64}}\n", "weights.gptq.blocksize"),
+    "gptq_bad_block": ("weights: {method: gptq, gptq: {block_size: 0}}\n", "block_size"),
+    "gptq_bad_damp": ("weights: {method: gptq, gptq: {damp: 1.5}}\n", "damp"),
+    "gptq_options_without_gptq": ("weights: {method: awq, gptq: {act_order: true}}\n", "weights.gptq"),
+    "act_order_not_bool": ("weights: {method: gptq, gptq: {act_order: 1}}\n", "act_order"),
+    "smoothing_static": ("activations: {smoothing: smoothquant}\n", "smoothing"),
+    "unknown_smoothing": ("activations: {mode: dynamic, granularity: per_token, smoothing: awq}\n",
+                          "activations.smoothing"),
+    "alpha_without_smoothing": ("activations: {mode: dynamic, granularity: per_token, smooth_alpha: 0.5}\n",
+                                "smooth_alpha"),
+    "alpha_out_of_range": ("activations: {mode: dynamic, granularity: per_token, smoothing: smoothquant, "
+                           "smooth_alpha: 1.5}\n", "smooth_alpha"),
 }
 
 
@@ -79,3 +92,33 @@ def test_text_encoder_variant_has_one_group():
     te = r.for_text_encoder()
     assert r.activations.timestep_groups == 4 and te.activations.timestep_groups == 1
     assert not te.activations.split_skip and te.weights == r.weights
+
+
+def test_algorithm_fields_load_and_round_trip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "weights: {format: int4, granularity: per_group, group_size: 64, method: gptq,\n"
+        "          gptq: {block_size: 32, act_order: true, static_groups: true, damp: 0.05}}\n"
+        "activations: {mode: dynamic, granularity: per_token, smoothing: smoothquant, smooth_alpha: 0.8}\n"
+    )
+    r = load_recipe(path)
+    o = r.weights.gptq_options()
+    assert r.weights.method == "gptq"
+    assert (o.block_size, o.act_order, o.static_groups, o.damp) == (32, True, True, 0.05)
+    assert r.activations.smoothing == "smoothquant" and r.activations.smooth_alpha == 0.8
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert r.needs_calibration()
+    defaults = load_recipe("w4g64")
+    assert defaults.weights.method == "rtn" and defaults.weights.gptq_options().block_size == 128
+    assert not defaults.needs_calibration()
+
+
+def test_algorithm_builtins():
+    assert load_recipe("w4a16").weights.method == "gptq"
+    w4a8, w8a8 = load_recipe("w4a8"), load_recipe("w8a8")
+    assert w4a8.activations == w8a8.activations and w4a8.skip == w8a8.skip
+    assert (w4a8.weights.format, w4a8.weights.group_size) == ("int4", 64)
+    assert load_recipe("llm-w4a16-gptq").weights.gptq_options().act_order
+    assert load_recipe("llm-w4a16-awq").weights.method == "awq"
+    sq = load_recipe("llm-w8a8-smoothquant").activations
+    assert sq.smoothing == "smoothquant" and sq.smooth_alpha is None and sq.mode == "dynamic"

@@ -194,3 +194,39 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert set(r["step_seconds"]) == {"fp32", "bf16", "quantized", "quantized_fp32"}
     assert r["weight_bytes"]["quantized"] < 0.6 * r["weight_bytes"]["bf16"]
     assert len(r["layers"]) == 1 and "| UNet step |" in capsys.readouterr().out
+
+
+def test_mixed_precision_calibrate_writes_allocation_and_figures(tmp_path):
+    from diffq.checkpoint import load as load_checkpoint
+
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(
+        "name: mixed-test\n"
+        "weights: {format: int8, clip: mse}\n"
+        "activations: {timestep_groups: 2, split_skip: true}\n"
+        "skip: [time_embedding.*, conv_in, conv_out]\n"
+        "mixed:\n"
+        "  candidates: [{format: int4, granularity: per_group, group_size: 64}, {format: int8}]\n"
+        "  target_bits: 5.0\n"
+        "  min_bits: [{match: ['*attn*.to_*'], bits: 8}]\n"
+        "  prompts: 1\n"
+        "  timesteps: 1\n")
+    out = tmp_path / "q"
+    assert run("calibrate", "--model", MODEL, "--recipe", recipe, "--num-prompts", "2", "--out", out,
+               *FAST) == 0
+    report = json.loads((out / "report.json").read_text())
+    mixed = report["mixed"]
+    assert mixed["average_bits"] <= 5.0 and set(mixed["bits"]) <= {"4", "8", "16"}
+    assert all(b >= 8 for n, b in mixed["layers"].items() if ".attn" in n and ".to_" in n)
+    assert mixed["measured_error"] > 0 and mixed["predicted_error"] > 0
+    for f in ("sensitivity.png", "bits.png", "proxy.png"):
+        assert (out / f).stat().st_size > 1000
+    assert "## Mixed precision" in (out / "report.md").read_text()
+    # the checkpoint holds the chosen per-layer widths as real storage
+    from diffusers import UNet2DConditionModel
+
+    unet = load_checkpoint(out / "unet", UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet"))
+    fours = [n for n, b in mixed["layers"].items() if b == 4]
+    assert fours
+    q = unet.get_submodule(fours[0])
+    assert q.qweight.dtype == torch.uint8  # two int4 codes per byte

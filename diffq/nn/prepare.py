@@ -1,0 +1,98 @@
+"""Weights chosen by calibration-driven algorithms (GPTQ, AWQ, SmoothQuant) for planned layers,
+before the modules are swapped: the glue between `diffq.calib.hessian` statistics and the pure
+functions of `diffq.algos`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from diffq.algos.awq import awq_clip, awq_search
+from diffq.algos.gptq import gptq
+from diffq.algos.hessian import rescale_hessian
+from diffq.algos.smoothquant import smooth_scales, smooth_search, smooth_weight
+from diffq.calib.hessian import InputStats, hessian_problem
+from diffq.core.recipe import LayerPlan
+from diffq.core.weights import QuantizedWeight, quantize_weight
+from diffq.errors import RecipeError
+
+
+@dataclass
+class PreparedLayer:
+    """A layer's quantized weight, the factor its inputs get at run time (1/s for AWQ and
+    SmoothQuant, [C]) and a note for the report."""
+
+    weight: QuantizedWeight
+    input_scale: torch.Tensor | None
+    note: str
+
+
+def _smooths(module: nn.Module, plan: LayerPlan) -> bool:
+    a = plan.activations
+    return a is not None and a.smoothing != "none" and isinstance(module, nn.Linear)
+
+
+def input_needs(module: nn.Module, plan: LayerPlan) -> tuple[bool, int] | None:
+    """(needs the Hessian, sample rows to keep) for a layer whose plan uses GPTQ, AWQ or
+    smoothing, None for plain RTN layers. Raises RecipeError for unsupported combinations."""
+    w, a = plan.weights, plan.activations
+    if w.method == "awq" and a is not None and (a.mode == "static" or a.smoothing != "none"):
+        raise RecipeError("weights.method 'awq' scales the layer input: it needs activations none "
+                          "or dynamic without smoothing")
+    if w.method == "rtn" and (a is None or a.smoothing == "none"):
+        return None
+    hessian = w.method != "rtn" and hessian_problem(module) is None
+    # the layers an algorithm cannot handle still pass through prepare_layer, which says why
+    return hessian, 512 if _smooths(module, plan) and a.smooth_alpha is None else 0
+
+
+def _taps(module: nn.Module) -> int:
+    """Weight columns per input channel: kh * kw for a conv, 1 for a Linear."""
+    return module.weight[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+
+
+def _columns(module: nn.Module, per_channel: torch.Tensor) -> torch.Tensor:
+    """Per-input-channel values [C] repeated over a conv's kernel taps: one per weight column."""
+    return per_channel.repeat_interleave(_taps(module))
+
+
+@torch.no_grad()
+def prepare_layer(module: nn.Module, plan: LayerPlan, stats: InputStats | None) -> PreparedLayer:
+    """Quantize `module.weight` as its plan's method says, from its input statistics."""
+    spec = plan.weights
+    weight = module.weight.detach().float()
+    s, notes = None, []
+    if _smooths(module, plan):
+        a = plan.activations
+        if a.smooth_alpha is not None:
+            s, alpha = smooth_scales(stats.max_abs, weight, a.smooth_alpha), a.smooth_alpha
+        else:
+            rtn_spec = replace(spec, method="rtn", gptq=None)
+            s, alpha = smooth_search(weight, stats.samples.to(weight.device), stats.max_abs, rtn_spec,
+                                     act_format=a.format)
+        notes.append(f"smoothquant α={alpha:.2f}")
+    elif plan.activations is not None and plan.activations.smoothing != "none":
+        notes.append("no smoothing (Linear only)")
+    problem = hessian_problem(module)
+    if spec.method != "rtn" and problem:
+        notes.append(f"rtn: {spec.method} needs a Linear or groups=1 Conv2d ({problem})")
+    h = None if stats is None or stats.hessian is None else stats.hessian
+    if spec.method == "awq" and h is not None:
+        s, alpha = awq_search(weight, h, _columns(module, stats.mean_abs), spec)
+        s = s[:: _taps(module)]  # the search saw every column; the scale is per channel
+        notes.append(f"awq α={alpha:.2f}")
+    if s is not None:
+        weight = smooth_weight(weight.double(), s).float()
+        h = None if h is None else rescale_hessian(h, _columns(module, s))
+    if spec.method == "gptq" and h is not None:
+        o = spec.gptq_options()
+        qw = gptq(weight, h, spec, o.block_size, o.act_order, o.static_groups, o.damp)
+        notes.append("gptq")
+    elif spec.method == "awq" and h is not None and spec.clip == "mse":
+        clipped = awq_clip(weight, h, spec).reshape(weight.shape).float()
+        qw = replace(quantize_weight(clipped, replace(spec, clip="none")), spec=spec)
+    else:
+        qw = quantize_weight(weight, spec)
+    inv = None if s is None else (1.0 / s).float()
+    return PreparedLayer(qw, inv, ", ".join(notes))
