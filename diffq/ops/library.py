@@ -45,14 +45,11 @@ def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padd
 def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
                 x_scale: float, packed: Tensor | None = None) -> Tensor:
     """y = dq(q(x)) @ dq(W)^T + b; x [..., K], qweight int8 [N, K], w_scale [N]."""
+    # oneDNN here rather than in a "cpu" kernel: the packed weight is an MkldnnCPU tensor, so
+    # dispatch would pick this default implementation over a kernel registered for CPU.
+    if packed is not None and x.device.type == "cpu":
+        return onednn.linear_packed(x, packed, w_scale, bias, x_scale)
     return linear_reference(x, qweight, w_scale, bias, x_scale)
-
-
-@w8a8_linear.register_kernel("cpu")
-def _w8a8_linear_cpu(x, qweight, w_scale, bias, x_scale, packed=None):
-    if packed is None:
-        return linear_reference(x, qweight, w_scale, bias, x_scale)
-    return onednn.linear_packed(x, packed, w_scale, bias, x_scale)
 
 
 @w8a8_linear.register_fake
@@ -67,18 +64,11 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
                 packed: list[Tensor]) -> Tensor:
     """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `packed`:
     oneDNN packs per segment (CPU), the weight as [O, kh, kw, C] (CUDA), or [] (reference)."""
+    if packed and x.device.type == "cpu":  # see w8a8_linear: MkldnnCPU packs dispatch here
+        return onednn.conv2d_packed(x, packed, w_scale, bias, x_scales, segments, stride, padding,
+                                    dilation, groups)
     return conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
-                             dilation, groups)
-
-
-@w8a8_conv2d.register_kernel("cpu")
-def _w8a8_conv2d_cpu(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation,
-                     groups, packed):
-    if not packed:
-        return conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
-                                 dilation, groups)
-    return onednn.conv2d_packed(x, packed, w_scale, bias, x_scales, segments, stride, padding,
-                                dilation, groups)
+                            dilation, groups)
 
 
 @w8a8_conv2d.register_fake

@@ -32,13 +32,19 @@ def test_opcheck(gen):
 
 @pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
 def test_cpu_kernels_match_default(gen):
+    from torch.profiler import profile
+
     lin = _linear_args(gen)
     ref = library.w8a8_linear(*lin)
-    fast = library.w8a8_linear(*lin[:-1], onednn.pack_linear(lin[1]))
+    with profile() as prof:  # the op must reach oneDNN, not its reference fallback
+        fast = library.w8a8_linear(*lin[:-1], onednn.pack_linear(lin[1]))
+    assert "onednn::qlinear_pointwise" in {e.key for e in prof.key_averages()}
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
     conv = _conv_args(gen, packed=True)
     ref = library.w8a8_conv2d(*conv[:-1], [])
-    fast = library.w8a8_conv2d(*conv)
+    with profile() as prof:
+        fast = library.w8a8_conv2d(*conv)
+    assert "onednn::qconv2d_pointwise" in {e.key for e in prof.key_averages()}
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
 
 

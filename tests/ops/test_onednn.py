@@ -28,13 +28,26 @@ def _static(layer, x, segments=None):
     return layer
 
 
-def _both(layer, x):
+def _onednn_ops(fn) -> set[str]:
+    """The oneDNN int8 compute ops that `fn()` dispatched to (packing excluded)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("onednn::") and "prepack" not in e.key}
+
+
+def _both(layer, x, expect_kernel=True):
+    """Reference and fast outputs; checks the fast call really ran oneDNN int8 (the kernel, not
+    a fallback) and the reference call did not."""
+    out = {}
     with torch.no_grad():
         set_backend(layer, "reference")
-        ref = layer(x)
+        assert not _onednn_ops(lambda: out.__setitem__("ref", layer(x)))
         set_backend(layer, "auto")
-        fast = layer(x)
-    return ref, fast
+        ran = _onednn_ops(lambda: out.__setitem__("fast", layer(x)))
+    assert bool(ran) == expect_kernel, ran
+    return out["ref"], out["fast"]
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 64), (33, 128), (1, 1, 96)])
@@ -105,10 +118,10 @@ def test_weight_only_int8_decode_kernel(rows, gen, monkeypatch):
     lin = nn.Linear(256, 96)
     layer = QLinear(lin, W8, None).to(dtype)
     x = torch.randn(1, rows, 256, generator=gen).to(dtype)
-    ref, fast = _both(layer, x)
+    ref, fast = _both(layer, x, expect_kernel=False)
     assert fast.shape == (1, rows, 96) and fast.dtype == dtype
     assert calls == [1]  # the kernel ran for the small-M call
     assert _rel(fast, ref) < tol
     big = torch.randn(64, 256, generator=gen).to(dtype)  # batched: the reference path
-    ref_big, fast_big = _both(layer, big)
+    ref_big, fast_big = _both(layer, big, expect_kernel=False)
     assert torch.equal(ref_big, fast_big)
