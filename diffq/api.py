@@ -15,10 +15,11 @@ from diffq.calib.hessian import InputCollector
 from diffq.calib.scales import choose_boundaries, scale_table
 from diffq.core.recipe import LayerPlan, Recipe, load_recipe
 from diffq.errors import CalibrationError, RecipeError
+from diffq.integrations import hf
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
 from diffq.nn.base import QuantizedLayer
-from diffq.nn.convert import QuantizationReport, convert, plan_layers
+from diffq.nn.convert import QuantizationReport, convert, linearize_conv1d, plan_layers
 from diffq.nn.prepare import input_needs, prepare_layer
 from diffq.nn.timestep import TimestepClock, TimestepOf, install_clock
 
@@ -138,11 +139,22 @@ def quantize(
         calibration = list(calibration or [])  # used twice: sensitivity, then statistics
         items = calibration[: recipe.mixed.prompts * recipe.mixed.timesteps]
         recipe = plan_mixed(model, recipe, items, progress=progress).recipe
+    linearize_conv1d(model)  # GPT-2's transposed Conv1D layers become plannable nn.Linear
     plans, report = plan_layers(model, recipe)
+    keep_fp32(model, plans, report)
+    needs = {n: nd for n, p in plans.items() if (nd := input_needs(model.get_submodule(n), p))}
+    if needs and uses_sequential(model, recipe, needs):
+        if calibration is None or callable(calibration):
+            raise CalibrationError("sequential calibration needs a list of calibration items "
+                                   "(pass calibration=[...])")
+        from diffq.sequential import quantize_sequential
+
+        prepared = quantize_sequential(model, plans, calibration, progress=progress)
+        report.sequential = True
+        return _finish(model, recipe, plans, report, prepared, timestep_of)
     segments = {n: seg for n, seg in (segments or {}).items() if n in plans
                 and plans[n].activations is not None and plans[n].activations.split_skip}
     layers = static_layers(model, plans, segments)
-    needs = {n: nd for n, p in plans.items() if (nd := input_needs(model.get_submodule(n), p))}
     inputs = None
     if needs:
         if calibration is None:
@@ -170,7 +182,8 @@ def quantize(
     prepared = {n: prepare_layer(model.get_submodule(n), plans[n], input_stats[n]) for n in needs}
     converted = convert(model, plans, segments, weights={n: p.weight for n, p in prepared.items()},
                         input_scales={n: p.input_scale for n, p in prepared.items()
-                                      if p.input_scale is not None})
+                                      if p.input_scale is not None},
+                        outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None})
     bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
     for name, st in stats.items():
         spec = plans[name].activations
@@ -179,11 +192,35 @@ def quantize(
             bounds[key] = choose_boundaries(stats, *key)
         scale, zp = scale_table(st, bounds[key], spec)
         converted[name].input_quant.set_table(scale, bounds[key], zp)
+    return _finish(model, recipe, plans, report, prepared, timestep_of)
+
+
+def keep_fp32(model: nn.Module, plans: dict[str, LayerPlan], report: QuantizationReport) -> None:
+    """Leave float the layers a transformers model keeps in fp32 (`_keep_in_fp32_modules`, e.g.
+    T5's `wo`, whose caller reads `.weight.dtype`), in place of `plans` / `report`."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name in [n for n in plans if keep & set(n.split("."))]:
+        del plans[name]
+        report.skipped[name] = "kept in fp32 by the model (_keep_in_fp32_modules)"
+
+
+def uses_sequential(model: nn.Module, recipe: Recipe, needs: dict[str, tuple[bool, int]]) -> bool:
+    """Block-by-block calibration: when the recipe says so, or by default for causal LMs
+    (class name *ForCausalLM / *LMHeadModel) whose layers need Hessians (GPTQ, AWQ)."""
+    if recipe.sequential is not None:
+        return recipe.sequential
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    return causal and any(h for h, _ in needs.values())
+
+
+def _finish(model: nn.Module, recipe: Recipe, plans: dict[str, LayerPlan], report: QuantizationReport,
+            prepared: dict, timestep_of: TimestepOf | None) -> nn.Module:
     attach_clock(model, timestep_of)
     report.quantized = {n: describe_plan(p) + (f" [{prepared[n].note}]" if n in prepared else "")
                         for n, p in plans.items()}
     model.diffq_report = report
     model.diffq_recipe = recipe
+    hf.attach(model)  # a diffusers / transformers model now saves with save_pretrained
     return model
 
 

@@ -21,6 +21,8 @@ from diffq.nn.convert import convert
 FORMAT_VERSION = 1
 META_FILE = "diffq.json"
 TENSOR_FILE = "model.safetensors"
+# save_pretrained's weight files: a diffq.json next to one of them is a drop-in HF component
+HF_TENSOR_FILES = ("diffusion_pytorch_model.safetensors", TENSOR_FILE)
 
 
 def _version() -> str:
@@ -43,23 +45,34 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write a quantized model to `directory` atomically (safetensors + diffq.json)."""
-    directory = Path(directory)
+def describe_layers(model: nn.Module) -> dict[str, dict]:
+    """Layer name -> scheme and float weight shape of every quantized layer (diffq.json's `layers`)."""
     layers = {n: {**m.describe(), "shape": list(m.weight_shape)}
               for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
     if not layers:
         raise CheckpointError("the model has no quantized layers; run diffq.quantize first")
+    return layers
+
+
+def metadata(model: nn.Module, aliases: dict[str, str] | None = None) -> dict:
+    """The contents of diffq.json for a quantized model."""
     recipe = getattr(model, "diffq_recipe", None)
-    tensors, aliases = _dedupe(model.state_dict())
-    meta = {
+    return {
         "format": "diffq",
         "format_version": FORMAT_VERSION,
         "diffq_version": _version(),
         "recipe": None if recipe is None else recipe.to_dict(),
-        "layers": layers,
-        "aliases": aliases,
+        "layers": describe_layers(model),
+        "aliases": aliases or {},
     }
+
+
+def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write a quantized model to `directory` atomically (safetensors + diffq.json)."""
+    directory = Path(directory)
+    describe_layers(model)  # refuse an unquantized model before any work
+    tensors, aliases = _dedupe(model.state_dict())
+    meta = metadata(model, aliases)
     with writing_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "diffq"})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -80,13 +93,24 @@ def read_meta(directory: str | Path) -> dict:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != "diffq" or "layers" not in meta:
         raise CheckpointError(f"{path} is not a diffq checkpoint description")
-    version = meta.get("format_version")
+    check_format_version(meta.get("format_version"), str(directory))
+    return meta
+
+
+def check_format_version(version, where: str) -> None:
+    """Refuse a checkpoint written by a newer diffq (its layout may differ)."""
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{directory} has checkpoint format {version!r}, newer than this diffq reads "
+            f"{where} has checkpoint format {version!r}, newer than this diffq reads "
             f"({FORMAT_VERSION}); upgrade diffq (pip install -U diffq)"
         )
-    return meta
+
+
+def convert_empty(model: nn.Module, layers: dict) -> None:
+    """Swap the layers described by `layers` (diffq.json's table) for empty quantized layers of
+    the same scheme, ready to receive a checkpoint's tensors; the model may be on `meta`."""
+    plans, segments, input_scales = _plans(model, layers)
+    convert(model, plans, segments, empty=True, input_scales=input_scales)
 
 
 def _plans(model: nn.Module, layers: dict
@@ -129,14 +153,15 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module
 
     directory = Path(directory)
     meta = read_meta(directory)
+    path = next((directory / f for f in HF_TENSOR_FILES if (directory / f).is_file()),
+                directory / TENSOR_FILE)
     try:
-        tensors = load_file(str(directory / TENSOR_FILE))
+        tensors = load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no {TENSOR_FILE}") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory / TENSOR_FILE} is corrupt: {e}") from None
-    plans, segments, input_scales = _plans(model, meta["layers"])
-    convert(model, plans, segments, empty=True, input_scales=input_scales)
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    convert_empty(model, meta["layers"])
     for alias, canonical in meta.get("aliases", {}).items():
         if canonical in tensors:
             tensors[alias] = tensors[canonical]
@@ -159,4 +184,8 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module
     if meta.get("recipe") is not None:
         model.diffq_recipe = Recipe.from_dict(meta["recipe"])
     attach_clock(model, timestep_of)
+    if getattr(model, "diffq_recipe", None) is not None:
+        from diffq.integrations.hf import attach
+
+        attach(model)  # a diffusers / transformers model now saves with save_pretrained
     return model

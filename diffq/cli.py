@@ -35,7 +35,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(parsers["calibrate"])
     _add_compare(parsers["compare"])
     _add_bench(parsers["bench"])
+    _add_llm(parsers["calibrate"], parsers["eval"])
     return p
+
+
+def _add_llm(calibrate: argparse.ArgumentParser, eval_: argparse.ArgumentParser) -> None:
+    """Options of the transformers (LLM / text encoder) path, chosen by a --model directory with
+    a config.json naming `architectures`, or by --dataset."""
+    from pathlib import Path
+
+    for sp in (calibrate, eval_):
+        sp.add_argument("--dataset", type=Path, help="transformers models: UTF-8 text file")
+        sp.add_argument("--seq-len", type=int, help="transformers models: tokens per window (default 128)")
+        sp.add_argument("--num-samples", type=int, help="transformers models: calibration windows "
+                        "(default 32) / encoder eval sentences (default 64)")
+    eval_.add_argument("--stride", type=int, help="perplexity window stride (default 64)")
+    eval_.add_argument("--decode-tokens", type=int, help="greedy tokens per decode run (default 32)")
+
+
+def _llm_args(args: argparse.Namespace) -> bool:
+    from diffq.integrations.llm import SOURCE_FILE, is_transformers_dir
+
+    model, quantized = getattr(args, "model", None), getattr(args, "quantized", None)
+    return (args.dataset is not None or (model is not None and is_transformers_dir(model))
+            or (quantized is not None and (quantized / SOURCE_FILE).is_file()))
+
+
+def _run_llm(args: argparse.Namespace) -> int:
+    from diffq.integrations import llm
+
+    if args.dataset is None:
+        raise InputError("transformers models need --dataset (a UTF-8 text file)")
+    if args.command == "calibrate":
+        if args.model is None:
+            raise InputError("--model (a transformers model directory) is required with --dataset")
+        r = llm.run_llm_calibrate(_settings(llm.LLMCalibrateSettings, args, model=args.model,
+                                            dataset=args.dataset), progress=not args.no_progress)
+        print(f"{r['recipe']}: {len(r['layers'])} layers quantized, {len(r['skipped'])} kept float, "
+              f"weight bytes {r['weight_bytes'] / r['weight_bytes_fp']:.3f}x bf16, {r['seconds']} s "
+              f"-> {r['out']} (report.md)")
+        for pattern in r["unmatched_patterns"]:
+            print(f"note: recipe pattern {pattern!r} matched no layer of this model", file=sys.stderr)
+        return 0
+    if args.quantized is None:
+        raise InputError("--quantized (a diffq calibrate output directory) is required")
+    r = llm.run_llm_eval(_settings(llm.LLMEvalSettings, args, quantized=args.quantized,
+                                   dataset=args.dataset, out=None))
+    print(llm.summary_line(r))
+    return 0
 
 
 def _add_bench(sp: argparse.ArgumentParser) -> None:
@@ -111,8 +158,8 @@ def _add_calibrate(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(func=_run_calibrate)
 
 
-def _settings(cls, args: argparse.Namespace):
-    s = cls()
+def _settings(cls, args: argparse.Namespace, **required):
+    s = cls(**required)
     for key in vars(s):
         value = getattr(args, key, None)
         if value is not None and value is not False:
@@ -121,6 +168,8 @@ def _settings(cls, args: argparse.Namespace):
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
+    if _llm_args(args):
+        return _run_llm(args)
     from diffq.integrations.calibrate import CalibrateSettings, run_calibrate
 
     s = _settings(CalibrateSettings, args)
@@ -155,6 +204,8 @@ def _add_eval(sp: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if _llm_args(args):
+        return _run_llm(args)
     from diffq.integrations.evaluate import EvalSettings, run_eval
 
     s = _settings(EvalSettings, args)

@@ -51,16 +51,21 @@ def check_at_least(option: str, value: int, minimum: int = 1) -> None:
         raise InputError(f"{option} must be at least {minimum}, got {value}")
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-blank line of a UTF-8 text file."""
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """A UTF-8 text file with something in it, or one clear InputError naming `what`."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"prompt file {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"prompt file {path} is not UTF-8 text") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise InputError(f"prompt file {path} has no prompts (empty or only blank lines)")
-    return prompts
+        raise InputError(f"{what} {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise InputError(f"{what} {path} is empty: no text, or only blank lines (no prompts)")
+    return text
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-blank line of a UTF-8 text file."""
+    text = read_text(path, "prompt file")
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -104,6 +104,10 @@ class ActivationSpec:
     split_skip: bool = False
     smoothing: Literal["none", "smoothquant"] = "none"
     smooth_alpha: float | None = None
+    # LLM.int8(): input channels whose calibrated max |x| reaches this stay in 16-bit (at most
+    # max_outliers per layer, a fixed count so that checkpoints have static shapes)
+    outlier_threshold: float | None = None
+    max_outliers: int = 64
 
     def validate(self) -> None:
         if self.smoothing != "none" and self.mode != "dynamic":
@@ -125,6 +129,10 @@ class ActivationSpec:
                               "observer minmax")
         if self.observer in ("mse", "kl") and self.format != "int8":
             raise RecipeError(f"activations.observer {self.observer!r} needs format int8")
+        if self.outlier_threshold is not None and (self.mode != "dynamic" or self.smoothing != "none"):
+            raise RecipeError("activations.outlier_threshold needs mode 'dynamic' without smoothing")
+        if self.outlier_threshold is not None and (self.outlier_threshold <= 0 or self.max_outliers < 1):
+            raise RecipeError("activations.outlier_threshold must be > 0 and max_outliers >= 1")
 
     def granularity_obj(self, feature_axis: int) -> Granularity:
         return PerToken(feature_axis) if self.granularity == "per_token" else PerTensor()
@@ -187,6 +195,15 @@ class MixedSpec:
 
 
 @dataclass(frozen=True)
+class KVCacheSpec:
+    """Key/value cache of a causal LM stored as symmetric int8 codes with one scale per
+    (batch, head, token), so new tokens append without re-quantizing the old ones."""
+
+    format: Literal["int8"] = "int8"
+    scale_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """The resolved scheme of one layer."""
 
@@ -209,6 +226,11 @@ class Recipe:
         default_factory=lambda: ["unet"])
     # per-layer widths chosen by measured sensitivity (resolved into overrides before quantizing)
     mixed: MixedSpec | None = None
+    # causal LMs: key/value cache format at generation time (None: float)
+    kv_cache: KVCacheSpec | None = None
+    # calibrate one decoder block at a time on the quantized previous block's outputs
+    # (None: yes for causal LMs whose recipe needs layer inputs)
+    sequential: bool | None = None
 
     def validate(self) -> None:
         if not self.components:
@@ -247,7 +269,8 @@ class Recipe:
     def needs_calibration(self) -> bool:
         specs = [self.activations, *(ov.activations for ov in self.overrides)]
         weights = [self.weights, *(ov.weights for ov in self.overrides)]
-        return (any(s is not None and (s.mode == "static" or s.smoothing != "none") for s in specs)
+        return (any(s is not None and (s.mode == "static" or s.smoothing != "none"
+                                       or s.outlier_threshold is not None) for s in specs)
                 or any(w is not None and w.method != "rtn" for w in weights))
 
     def to_dict(self) -> dict:

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from diffq.api import MixedResult, collect_stats, plan_mixed, quantize, static_layers, weight_bytes
 from diffq.calib.collector import LayerStats
-from diffq.checkpoint import save
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.integrations.pipeline import (
@@ -24,6 +23,7 @@ from diffq.integrations.pipeline import (
     check_pipeline_dir,
     default_model_dir,
     load_pipeline,
+    save_quantized_pipeline,
     unet_calls,
 )
 from diffq.integrations.unet import check_groups, skip_concat_segments
@@ -46,6 +46,45 @@ class CalibrateSettings:
     out: Path = Path("out/tiny-sd-w8a8")
     overwrite: bool = False
     resume: bool = False
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a multi-process calibration (`accelerate launch`)."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.index == 0
+
+
+def processes() -> Processes:
+    """accelerate's view of the launch; one process unless started by a distributed launcher."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes()
+    from accelerate import PartialState
+
+    state = PartialState()  # initializes torch.distributed (gloo on CPU)
+    return Processes(state.process_index, state.num_processes)
+
+
+def gather_stats(stats: dict[str, LayerStats] | None, procs: Processes) -> dict[str, LayerStats]:
+    """Every process's statistics merged, in process order, on every process (exact: min of
+    minima, max of maxima, summed integer histograms)."""
+    import torch.distributed as dist
+
+    local = None if stats is None else {n: st.tensors() for n, st in stats.items()}
+    parts: list = [None] * procs.count
+    dist.all_gather_object(parts, local)
+    merged = None
+    for part in parts:
+        if part:
+            merged = _merge(merged, {n: LayerStats(**t) for n, t in part.items()})
+    if merged is None:
+        raise InputError("no process had prompts to calibrate on")
+    return merged
 
 
 def _cache_dir(out: Path) -> Path:
@@ -88,6 +127,9 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     """Calibrate and write `s.out`: unet/ (diffq checkpoint), stats.safetensors, report.*"""
     t0 = time.perf_counter()
     prompts = _check(s)
+    state = processes()
+    if state.count > 1 and s.resume:
+        raise InputError("--resume is not supported with several processes; run it in one process")
     recipe = load_recipe(s.recipe)
     check_groups(recipe, s.steps)
     if "transformer" in recipe.components:
@@ -103,7 +145,8 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
                                          and plans[n].activations.split_skip})
     stats = None
     if layers:
-        stats = _collect(s, pipe, prompts, layers, recipe.name, progress)
+        stats = _collect(s, pipe, prompts, layers, recipe.name, progress and state.is_main_process,
+                         state)
     mixed = None
     if recipe.mixed is not None:
         mixed = _plan_mixed(s, pipe, prompts, recipe, progress)
@@ -130,9 +173,10 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     }
     if mixed is not None:
         report["mixed"] = mixed_summary(mixed)
+    if not state.is_main_process:  # every process quantized the same merged statistics
+        return {**report, "seconds": round(time.perf_counter() - t0, 1), "written": False}
     with writing_directory(s.out, s.overwrite) as tmp:
-        for name, module in comps.items():
-            save(module, tmp / name)
+        save_quantized_pipeline(s.model, comps, tmp)
         if mixed is not None:
             (tmp / "sensitivity.json").write_text(mixed.table.to_json())
             from diffq.eval.plots import mixed_precision_plots
@@ -214,9 +258,10 @@ def asdict_str(s: CalibrateSettings) -> dict:
     return {k: str(v) for k, v in asdict(s).items() if k not in ("overwrite", "resume", "out")}
 
 
-def _collect(s, pipe, prompts, layers, recipe_name, progress) -> dict:
+def _collect(s, pipe, prompts, layers, recipe_name, progress, procs: Processes = Processes()) -> dict:
     """Collect in prompt batches; after each batch the statistics so far are cached next to the
-    output, so an interrupted run continues with --resume."""
+    output, so an interrupted run continues with --resume. With several processes each takes
+    every count-th batch (same seeds as one process would use) and nothing is cached."""
     cache = _cache_dir(s.out)
     meta = {**asdict_str(s), "recipe": recipe_name}
     stats, done = None, 0
@@ -226,10 +271,13 @@ def _collect(s, pipe, prompts, layers, recipe_name, progress) -> dict:
             raise InputError(f"--resume: the cached run in {cache} used other settings; "
                              "run without --resume to start over")
         stats, done = load_stats(cache / "stats.safetensors"), info["done"]
-    cache.mkdir(parents=True, exist_ok=True)
+    if procs.count == 1:
+        cache.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(prompts), initial=done, desc="calibrating", disable=not progress)
     for i in range(done, len(prompts), s.batch_size):
         batch = prompts[i:i + s.batch_size]
+        if (i // s.batch_size) % procs.count != procs.index:
+            continue
         gens = [torch.Generator().manual_seed(s.seed + i + k) for k in range(len(batch))]
 
         def drive(batch=batch, gens=gens):
@@ -237,11 +285,12 @@ def _collect(s, pipe, prompts, layers, recipe_name, progress) -> dict:
                  output_type="latent")
 
         stats = _merge(stats, collect_stats(pipe.unet, layers, drive))
-        save_stats(stats, cache / "stats.safetensors", meta)
-        (cache / "progress.json").write_text(json.dumps({"meta": meta, "done": i + len(batch)}))
+        if procs.count == 1:
+            save_stats(stats, cache / "stats.safetensors", meta)
+            (cache / "progress.json").write_text(json.dumps({"meta": meta, "done": i + len(batch)}))
         bar.update(len(batch))
     bar.close()
-    return stats
+    return stats if procs.count == 1 else gather_stats(stats, procs)
 
 
 def _write_report(out: Path, r: dict) -> None:

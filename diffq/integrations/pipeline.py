@@ -1,6 +1,8 @@
 """Load diffusers pipelines, apply diffq checkpoints to their components, generate images."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,6 +67,23 @@ def quantized_components(qdir: str | Path) -> dict[str, Path]:
     if not found:
         raise CheckpointError(f"{qdir} holds no diffq checkpoint ({META_FILE} in unet/ etc.)")
     return found
+
+
+def save_quantized_pipeline(source: str | Path, components: dict, out: Path) -> None:
+    """Write a pipeline directory that `DiffusionPipeline.from_pretrained(out)` loads after
+    `import diffq`: the float components of `source` copied as they are, each quantized one
+    saved with `save_pretrained` (config.json with quantization_config, safetensors) plus its
+    diffq.json, so that `diffq.load` / `apply_quantized` read it too."""
+    from diffq.checkpoint import metadata
+    from diffq.integrations.hf import attach
+
+    source = check_pipeline_dir(source)
+    shutil.copytree(source, out, dirs_exist_ok=True, ignore=lambda d, names: [
+        n for n in names if Path(d) == source and n in components])
+    for name, module in components.items():
+        attach(module)
+        module.save_pretrained(out / name)
+        (out / name / META_FILE).write_text(json.dumps(metadata(module), indent=1), encoding="utf-8")
 
 
 def apply_quantized(pipe, qdir: str | Path) -> list[str]:

@@ -12,6 +12,7 @@ from diffq.core.weights import QuantizedWeight
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.qconv2d import QConv2d
 from diffq.nn.qlinear import QLinear
+from diffq.nn.qoutlier import QLinearOutlier
 
 # Weight-bearing layer types diffq does not quantize (yet); they stay float and are reported.
 _UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -26,6 +27,7 @@ class QuantizationReport:
     quantized: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     unmatched_patterns: list[str] = field(default_factory=list)
+    sequential: bool = False  # calibrated block by block (diffq.sequential)
 
     def summary(self) -> str:
         lines = [f"recipe {self.recipe}: {len(self.quantized)} layers quantized, "
@@ -86,20 +88,52 @@ def convert(
     empty: bool = False,
     weights: dict[str, QuantizedWeight] | None = None,
     input_scales: dict[str, torch.Tensor] | None = None,
+    outliers: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedLayer]:
     """Replace each planned layer by its quantized twin (empty=True: zeros, for loading).
     `weights`: already quantized weights (GPTQ, AWQ) by layer name, the others are rounded
-    here; `input_scales`: per-input-channel factors [C] of AWQ / SmoothQuant layers."""
+    here; `input_scales`: per-input-channel factors [C] of AWQ / SmoothQuant layers;
+    `outliers`: the 16-bit input channel slots of LLM.int8() layers (see `outlier_slots`)."""
     segments, weights, input_scales = segments or {}, weights or {}, input_scales or {}
+    outliers = outliers or {}
     out: dict[str, QuantizedLayer] = {}
     for name, plan in plans.items():
         m = model.get_submodule(name)
-        cls = QLinear if isinstance(m, nn.Linear) else QConv2d
-        q = cls(m, plan.weights, plan.activations, segments.get(name), empty=empty,
-                qweight=weights.get(name), input_scale=input_scales.get(name))
+        if is_outlier_plan(m, plan):
+            q = QLinearOutlier(m, plan.weights, plan.activations, outliers.get(name), empty=empty,
+                               qweight=weights.get(name))
+        else:
+            cls = QLinear if isinstance(m, nn.Linear) else QConv2d
+            q = cls(m, plan.weights, plan.activations, segments.get(name), empty=empty,
+                    qweight=weights.get(name), input_scale=input_scales.get(name))
         q.to(device=m.weight.device)
         if q.input_quant is not None:
             q.input_quant.name = name
         replace_module(model, name, q)
         out[name] = q
     return out
+
+
+def is_outlier_plan(module: nn.Module, plan: LayerPlan) -> bool:
+    """Whether `plan` makes `module` an LLM.int8() layer (Linear with an outlier threshold)."""
+    a = plan.activations
+    return isinstance(module, nn.Linear) and a is not None and a.outlier_threshold is not None
+
+
+def linearize_conv1d(model: nn.Module) -> list[str]:
+    """Replace transformers' `Conv1D` (GPT-2; y = x W + b with W [in, out]) by the equivalent
+    nn.Linear (W transposed), in place, so that it can be planned. Returns the names replaced.
+    Matched by class name and shape so that this module never imports transformers."""
+    names = []
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None \
+                and m.weight.dim() == 2 and getattr(m, "nf", None) == m.weight.shape[1]:
+            k, o = m.weight.shape
+            lin = nn.Linear(k, o, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(m.weight.t())
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            replace_module(model, name, lin)
+            names.append(name)
+    return names

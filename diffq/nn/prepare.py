@@ -16,6 +16,8 @@ from diffq.calib.hessian import InputStats, hessian_problem
 from diffq.core.recipe import LayerPlan
 from diffq.core.weights import QuantizedWeight, quantize_weight
 from diffq.errors import RecipeError
+from diffq.nn.convert import is_outlier_plan
+from diffq.nn.qoutlier import outlier_slots
 
 
 @dataclass
@@ -26,6 +28,7 @@ class PreparedLayer:
     weight: QuantizedWeight
     input_scale: torch.Tensor | None
     note: str
+    outliers: torch.Tensor | None = None  # LLM.int8() channel slots [slots], -1 unused
 
 
 def _smooths(module: nn.Module, plan: LayerPlan) -> bool:
@@ -40,6 +43,10 @@ def input_needs(module: nn.Module, plan: LayerPlan) -> tuple[bool, int] | None:
     if w.method == "awq" and a is not None and (a.mode == "static" or a.smoothing != "none"):
         raise RecipeError("weights.method 'awq' scales the layer input: it needs activations none "
                           "or dynamic without smoothing")
+    if is_outlier_plan(module, plan):
+        if w.method != "rtn":
+            raise RecipeError("activations.outlier_threshold works with weights.method 'rtn'")
+        return False, 0  # max |x| per channel only
     if w.method == "rtn" and (a is None or a.smoothing == "none"):
         return None
     hessian = w.method != "rtn" and hessian_problem(module) is None
@@ -62,6 +69,12 @@ def prepare_layer(module: nn.Module, plan: LayerPlan, stats: InputStats | None) 
     """Quantize `module.weight` as its plan's method says, from its input statistics."""
     spec = plan.weights
     weight = module.weight.detach().float()
+    if is_outlier_plan(module, plan):
+        a = plan.activations
+        idx = outlier_slots(stats.max_abs.float(), a.outlier_threshold, min(a.max_outliers, weight.shape[1]))
+        used = idx[idx >= 0]
+        qw = quantize_weight(weight.index_fill(1, used, 0.0), spec)
+        return PreparedLayer(qw, None, f"{used.numel()} outlier channels in 16-bit", idx)
     s, notes = None, []
     if _smooths(module, plan):
         a = plan.activations

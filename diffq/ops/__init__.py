@@ -2,8 +2,9 @@
 `conv2d` here. W8A8 calls (static symmetric int8 activations, symmetric int8 per-channel
 weights) go through the `diffq::w8a8_*` custom ops, whose CPU kernel is oneDNN int8 when a
 prepacked weight is available and whose CUDA kernel is Triton (`diffq.ops.cuda`); weight-only
-int4 per-group layers on CUDA go through `diffq::w4a16_linear`. Every other scheme runs the
-pure-torch reference, which dequantizes and runs the float op."""
+int4 per-group layers on CUDA go through `diffq::w4a16_linear`; weight-only int8 / int4 layers
+with a few bf16 rows on CPU (LLM decode) go through torch's weight-only packed kernels. Every
+other scheme runs the pure-torch reference, which dequantizes and runs the float op."""
 from __future__ import annotations
 
 import torch
@@ -71,6 +72,31 @@ def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, b
             and _int8_per_channel(weight))
 
 
+def _w4_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
+    g = weight.spec.granularity_obj()
+    return (backend == "auto" and act is None and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
+            and weight.spec.format == "int4" and isinstance(g, PerGroup)
+            and g.group_size in (32, 64, 128, 256) and weight.shape[0] % 16 == 0)  # kernel limits
+
+
+def _int4_pack(weight: QuantizedWeight, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tinygemm-packed codes, scales_and_zeros [K/g, O, 2] bf16) for torch's int4 CPU kernel,
+    which computes w = (u - 8) * scale + zero from unsigned codes u = q + 8."""
+    key = ("int4pack", weight.data.data_ptr())
+    if cache is not None and key in cache:
+        return cache[key]
+    codes = weight.codes().reshape(weight.shape[0], -1)  # signed int4 in [-8, 7]
+    packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 2)
+    scale = weight.scale.float().reshape(weight.shape[0], -1)  # [O, K/g]
+    zp = weight.zero_point
+    zero = torch.zeros_like(scale) if zp is None else -zp.float().reshape(scale.shape) * scale
+    sz = torch.stack((scale.t(), zero.t()), -1).to(torch.bfloat16).contiguous()
+    if cache is not None:
+        cache[key] = (packed, sz)
+    return packed, sz
+
+
 def _w4a16(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
     return (backend == "auto" and act is None and x.device.type == "cuda"
             and weight.spec.format == "int4" and isinstance(weight.spec.granularity_obj(), PerGroup))
@@ -85,6 +111,12 @@ def linear(
     if _w8_decode(x, weight, act, backend):
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.data,
                                       _w_scale(weight, cache, x.dtype))
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias.to(x.dtype)
+    if _w4_decode(x, weight, act, backend):
+        packed, sz = _int4_pack(weight, cache)
+        g = weight.spec.granularity_obj().group_size
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed, g, sz)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias.to(x.dtype)
     if _w4a16(x, weight, act, backend):

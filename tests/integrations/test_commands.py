@@ -31,7 +31,7 @@ def test_calibrate_writes_the_quantized_pipeline(calibrated):
     assert (calibrated / "unet" / "diffq.json").is_file()
     meta = json.loads((calibrated / "unet" / "diffq.json").read_text())
     assert meta["recipe"]["name"] == "w8a8"
-    tensors = load_file(str(calibrated / "unet" / "model.safetensors"))
+    tensors = load_file(str(calibrated / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(k.endswith("qweight") and v.dtype == torch.int8 for k, v in tensors.items())
     report = json.loads((calibrated / "report.json").read_text())
     assert report["weight_bytes"] < 0.6 * report["weight_bytes_fp"]

@@ -1,0 +1,62 @@
+"""accelerate: multi-process calibration merges statistics exactly; offloaded models calibrate alike."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from diffq import cli
+from diffq.api import collect_stats, static_layers
+from diffq.core.recipe import load_recipe
+from diffq.integrations.unet import skip_concat_segments
+from diffq.nn.convert import plan_layers
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "samples" / "tiny-sd"
+ARGS = ["calibrate", "--model", str(MODEL), "--num-prompts", "4", "--steps", "4", "--batch-size", "1",
+        "--no-progress"]
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].nan_to_num(-1), b[k].nan_to_num(-1)) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_statistics(tmp_path):
+    assert cli.main([*ARGS, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "diffq.cli", *ARGS, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert same(load_file(str(tmp_path / "one" / "stats.safetensors")),
+                load_file(str(tmp_path / "two" / "stats.safetensors")))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert same(load_file(str(tmp_path / "one" / weights)), load_file(str(tmp_path / "two" / weights)))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # one writer, nothing partial
+
+
+def test_offloaded_unet_collects_the_same_statistics():
+    from accelerate import cpu_offload
+
+    def stats_of(unet):
+        plans, _ = plan_layers(unet, load_recipe("w8a8"))
+        layers = static_layers(unet, plans, skip_concat_segments(unet))
+        g = torch.Generator().manual_seed(0)
+        calls = [((torch.randn(2, 4, 16, 16, generator=g), torch.tensor([t, t]),
+                   torch.randn(2, 8, 128, generator=g)), {}) for t in (999, 500, 1)]
+        return collect_stats(unet, layers, calls)
+
+    plain = stats_of(UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet"))
+    offloaded = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.conv_in.weight.device.type == "meta"  # weights live in the offload hooks
+    got = stats_of(offloaded)
+    assert got.keys() == plain.keys()
+    for name in plain:
+        assert same(got[name].tensors(), plain[name].tensors()), name
