@@ -3,7 +3,8 @@
 Phase 1 trains the VAE (64x64x3 <-> 16x16x4); phase 2 trains UNet and CLIP text encoder
 jointly on cached VAE latents, with 10% caption dropout for classifier-free guidance.
 
-    python samples/train_tiny_sd.py --out samples/tiny-sd            # ~30 min on 2 idle CPU cores
+    python samples/train_tiny_sd.py --out samples/tiny-sd --threads 2  # ~60 min, 2 idle CPU cores
+    python samples/train_tiny_sd.py --out samples/tiny-sd              # ~100 min, 1 core, sharing
     python samples/train_tiny_sd.py --smoke --out /tmp/tiny-sd       # seconds
 """
 
@@ -145,21 +146,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-3)
     p.add_argument("--vae-from", help="reuse the vae/ of this pipeline folder, skip phase 1")
     p.add_argument("--init-from", help="continue training this pipeline folder (vae kept fixed)")
-    p.add_argument("--steps", type=int, default=1300)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop the UNet phase after this long (0: no limit); breaks reproducibility")
     p.add_argument("--uncond-prob", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is faster when other jobs share the cores")
     p.add_argument("--smoke", action="store_true", help="a few tiny steps, for tests")
     args = p.parse_args()
