@@ -114,17 +114,17 @@ def test_group_size_falls_back_to_a_power_of_two_divisor():
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_quantize_with_mixed_recipe_meets_budget_and_beats_uniform_low_width(method):
+    from dataclasses import replace
+
     import diffq
     from diffq.api import plan_mixed, weight_bytes
     from diffq.core.recipe import MixedSpec, Recipe
 
-    from dataclasses import replace
-
     net, calls, layers = _setup()
     ref = [net(*a, **k) for a, k in calls]
     mixed = Recipe(name="m", weights=W8,
-                   mixed=MixedSpec(candidates=[replace(W4, method=method), W8], target_bits=6.0, allow_float=False,
-                                   prompts=3, timesteps=1))
+                   mixed=MixedSpec(candidates=[replace(W4, method=method), W8], target_bits=6.0,
+                                   allow_float=False, prompts=3, timesteps=1))
     result = plan_mixed(net, mixed, calls)
     assert result.allocation.average_bits <= 6.0
     assert set(result.allocation.bits.values()) <= {4, 8}
