@@ -20,8 +20,10 @@ def allocate(errors: torch.Tensor, costs: torch.Tensor, budget: float, allowed: 
     errors, costs: [L, C] (C candidate widths per layer); allowed: bool [L, C] (False: the policy
     forbids that width for that layer). Returns the chosen candidate index per layer.
 
-    Costs are rounded *up* to units of budget / resolution, so the returned choice always
-    fits the real budget; with integer costs and resolution == budget the solution is exact.
+    Costs above each layer's cheapest allowed width are rounded *up* to units of
+    (budget - cheapest total) / resolution, so the returned choice always fits the real budget,
+    and a budget at the cheapest total still has a solution. With integer costs and resolution
+    equal to that remaining budget the solution is exact.
     """
     errors, costs = errors.double(), costs.double()
     n_layers, n_choices = errors.shape
@@ -32,7 +34,11 @@ def allocate(errors: torch.Tensor, costs: torch.Tensor, budget: float, allowed: 
     cheapest = torch.where(allowed, costs, math.inf).amin(dim=1).sum().item()
     if cheapest > budget * (1 + 1e-12):
         raise RecipeError(f"budget {budget:,.0f} is below the smallest allowed size {cheapest:,.0f}")
-    unit = budget / resolution
+    # Discretize only what each layer costs above its cheapest allowed width: the cheapest
+    # allocation then costs exactly 0 units and stays feasible however coarse the units are.
+    base = torch.where(allowed, costs, math.inf).amin(dim=1, keepdim=True)
+    costs, budget = costs - base, budget - float(base.sum())
+    unit = max(budget, 1e-12) / resolution
     units = torch.ceil(costs / unit - 1e-9).long().clamp(min=0)
     units[~allowed] = resolution + 1  # never fits
     inf = math.inf

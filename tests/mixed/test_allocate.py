@@ -23,7 +23,8 @@ def test_dp_matches_exhaustive_optimum_with_integer_costs(seed):
     budget = float(torch.floor(params.sum() * (5.0 + seed)))  # between all-4 and all-16
     allowed = torch.ones_like(errors, dtype=torch.bool)
     allowed[0, 0] = False  # a policy rule: layer 0 at least 8 bits
-    dp = allocate(errors, costs, budget, allowed, resolution=int(budget))
+    base = float(torch.where(allowed, costs, float("inf")).amin(dim=1).sum())
+    dp = allocate(errors, costs, budget, allowed, resolution=int(budget - base))
     best = brute_force(errors, costs, budget, allowed)
     err = lambda c: sum(float(errors[i, k]) for i, k in enumerate(c))  # noqa: E731
     assert sum(float(costs[i, k]) for i, k in enumerate(dp)) <= budget
@@ -45,3 +46,11 @@ def test_budget_below_minimum_is_refused():
     errors, costs, params = _instance(0)
     with pytest.raises(RecipeError, match="below the smallest"):
         allocate(errors, costs, float(params.sum() * 3.9))
+
+
+def test_budget_at_the_cheapest_total_is_feasible_at_coarse_resolution():
+    errors, costs, params = _instance(3, n_layers=40)
+    budget = float(costs[:, 0].sum())  # exactly all-4-bit
+    assert allocate(errors, costs, budget, resolution=16) == [0] * 40
+    slack = allocate(errors, costs, budget * 1.02, resolution=16)
+    assert sum(float(costs[i, c]) for i, c in enumerate(slack)) <= budget * 1.02
