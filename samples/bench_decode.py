@@ -4,25 +4,17 @@ same inputs, one run, median of repeated calls.
     python samples/bench_decode.py [--size 4096] [--rows 1]
 """
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from diffq.core.recipe import WeightSpec
+from diffq.integrations.bench import median_seconds
 from diffq.nn import QLinear
 
 
 def median_ms(fn, repeats: int = 50) -> float:
-    with torch.inference_mode():
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats, warmup=1) * 1e3
 
 
 def main() -> None:

@@ -57,3 +57,13 @@ def toy_calibration(n_steps: int = 10, batch: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 4, 8, 8, generator=g), torch.full((batch,), float(t)))
             for t in torch.linspace(999, 0, n_steps).round().tolist()]
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Same state-dict keys, dtypes and bits (1-byte dtypes such as float8 compared as bytes)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    as_bits = lambda v: v.view(torch.uint8) if v.element_size() == 1 else v  # noqa: E731
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(as_bits(sa[k]), as_bits(sb[k])), k

@@ -7,7 +7,7 @@ from torch import nn
 import diffq
 from diffq import checkpoint
 from diffq.errors import CheckpointError
-from tests.conftest import ToyUNet, toy_calibration
+from tests.conftest import ToyUNet, assert_same_state, toy_calibration
 
 
 @pytest.fixture
@@ -26,12 +26,7 @@ def test_round_trip_is_bit_exact(recipe, tmp_path):
         y = m(x, t)
     diffq.save(m, tmp_path / "ck")
     m2 = diffq.load(tmp_path / "ck", ToyUNet())
-    sd1, sd2 = m.state_dict(), m2.state_dict()
-    assert sd1.keys() == sd2.keys()
-    for k in sd1:
-        assert sd1[k].dtype == sd2[k].dtype
-        assert torch.equal(sd1[k].view(torch.uint8) if sd1[k].dtype.itemsize == 1 else sd1[k],
-                           sd2[k].view(torch.uint8) if sd2[k].dtype.itemsize == 1 else sd2[k])
+    assert_same_state(m, m2)
     with torch.no_grad():
         assert torch.equal(m2(x, t), y)
     assert m2.diffq_recipe.name == recipe

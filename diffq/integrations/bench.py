@@ -40,7 +40,8 @@ class BenchSettings:
     extra: dict = field(default_factory=dict)
 
 
-def _median_seconds(fn, repeats: int, warmup: int) -> float:
+def median_seconds(fn, repeats: int, warmup: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` calls (inference mode)."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -138,7 +139,7 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict:
     }
     step = {}
     for name, (model, xi, ci) in variants.items():
-        step[name] = _median_seconds(lambda: model(xi, t, encoder_hidden_states=ci), s.repeats, s.warmup)
+        step[name] = median_seconds(lambda: model(xi, t, encoder_hidden_states=ci), s.repeats, s.warmup)
     layers = []
     for lname, inp in inputs.items():
         row = {"layer": lname, "input": list(inp.shape)}
@@ -151,7 +152,7 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict:
             clock = getattr(getattr(m, "input_quant", None), "clock", None)
             if clock is not None:
                 clock.value = 500.0
-            row[name] = _median_seconds(lambda: m(xi), s.repeats * 4, s.warmup)
+            row[name] = median_seconds(lambda: m(xi), s.repeats * 4, s.warmup)
         layers.append(row)
     result = {
         "model": s.model, "recipe": s.recipe, "batch": s.batch, "threads": torch.get_num_threads(),

@@ -7,7 +7,7 @@ import diffq
 from diffq.core.recipe import ActivationSpec, GPTQOptions, Recipe, WeightSpec
 from diffq.errors import CalibrationError, RecipeError
 from diffq.nn import QConv2d, QLinear
-from tests.conftest import ToyUNet, toy_calibration
+from tests.conftest import ToyUNet, assert_same_state, toy_calibration
 
 
 class MLP(nn.Module):
@@ -97,13 +97,7 @@ def test_new_recipes_on_toy_unet_round_trip(recipe, tmp_path):
     assert diffq.core.sqnr_db(ref, y) > 15
     diffq.save(m, tmp_path / "ck")
     m2 = diffq.load(tmp_path / "ck", ToyUNet())
-    sd1, sd2 = m.state_dict(), m2.state_dict()
-    assert sd1.keys() == sd2.keys()
-    for k in sd1:
-        assert sd1[k].dtype == sd2[k].dtype
-        a, b = sd1[k], sd2[k]
-        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
-                           b.view(torch.uint8) if b.element_size() == 1 else b), k
+    assert_same_state(m, m2)
     with torch.no_grad():
         assert torch.equal(m2(x, t), y)
 
