@@ -140,3 +140,19 @@ def test_quantize_with_mixed_recipe_meets_budget_and_beats_uniform_low_width(met
     assert {type(m).__name__ for m in chosen.modules()} >= {"QLinear"}
     assert err(chosen) < err(uniform)
     assert weight_bytes(chosen) > weight_bytes(uniform)
+
+
+def test_mixed_bad_input_is_one_clear_error():
+    import diffq
+    from diffq.api import plan_mixed
+    from diffq.core.recipe import MixedSpec, Recipe
+    from diffq.errors import CalibrationError, RecipeError
+
+    net, calls, _ = _setup()
+    mixed = Recipe(name="m", weights=W8, mixed=MixedSpec(candidates=[W4, W8], target_bits=6.0))
+    with pytest.raises(RecipeError, match="no 'mixed' section"):
+        plan_mixed(net, Recipe(name="plain", weights=W8), calls)
+    with pytest.raises(CalibrationError, match="needs calibration items"):
+        plan_mixed(net, mixed, [])
+    with pytest.raises(CalibrationError, match="pass a list, not a callable"):
+        diffq.quantize(net, mixed, calibration=lambda: None)
