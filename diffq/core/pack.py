@@ -26,4 +26,5 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Packed uint8 -> signed int4 values as int8 in [-8, 7]."""
-    return (unpack_nibbles(packed).to(torch.int16) - 8).to(torch.int8)
+    # nibbles are 0..15, so the uint8 bytes read as int8 are the same values
+    return unpack_nibbles(packed).view(torch.int8).sub_(8)

@@ -79,10 +79,12 @@ def dequantize(
     if fmt.kind == "lut":
         v = _nf4_code(q.device)[q.long()]
     else:
-        v = q.float()
+        v = q.to(torch.float32, copy=True)
         if qp.zero_point is not None:
-            v = v - qp.zero_point
-    return (v * qp.scale.float()).to(dtype)
+            v.sub_(qp.zero_point)
+    # v is q-shaped and its own tensor, and scales broadcast against it: in place saves two
+    # full-size temporaries (dequantizing is the whole cost of a large-batch quantized matmul)
+    return v.mul_(qp.scale.float()).to(dtype)
 
 
 def fake_quantize(

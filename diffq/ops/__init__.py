@@ -60,10 +60,12 @@ def _fast(x: torch.Tensor, cache: dict | None, backend: str) -> bool:
             and x.dtype in (torch.float32, torch.bfloat16) and onednn.available())
 
 
-# Weight-only int8 kernels win only for a handful of rows (LLM decode) with bf16 inputs
-# (measured 2.4x bf16 at 1x4096x4096; fp32 inputs run 5x slower than fp32 F.linear, and
-# batched work is 3-7x slower than bf16 per KERNELS.md), so everything else dequantizes.
-_DECODE_MAX_ROWS = 8
+# Weight-only int8 / int4 kernels beat bf16 F.linear only for a handful of rows (LLM decode;
+# 1.8x / 3.8x at 1x2048x5632, bf16 inputs only: fp32 inputs run 5x slower than fp32 F.linear).
+# Their cost grows ~0.35 / 0.31 ms per row there, while the alternative, dequantizing the
+# weight (35-58 ms) then bf16 F.linear (~0.11 ms per row), breaks even near 200 rows, so
+# prompts (prefill) up to 128 tokens stay on the kernels and only longer ones dequantize.
+_DECODE_MAX_ROWS = 128
 
 
 def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:

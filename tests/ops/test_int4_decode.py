@@ -12,7 +12,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("rows,group", [(1, 128), (8, 32)])
+@pytest.mark.parametrize("rows,group", [(1, 128), (8, 32), (128, 64)])
 def test_int4_decode_kernel_matches_reference(rows, group, symmetric, gen, monkeypatch):
     calls = []
     real = torch._weight_int4pack_mm_for_cpu
@@ -38,6 +38,6 @@ def test_int4_decode_skips_batched_and_unsupported_shapes(gen, monkeypatch):
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: pytest.fail("kernel ran"))
     spec = WeightSpec(format="int4", granularity="per_group", group_size=64)
     big = QLinear(nn.Linear(128, 32), spec, None).to(torch.bfloat16)
-    big(torch.randn(16, 128, generator=gen).to(torch.bfloat16))  # 16 rows: dequantize path
+    big(torch.randn(129, 128, generator=gen).to(torch.bfloat16))  # > 128 rows: dequantize path
     odd = QLinear(nn.Linear(128, 24), spec, None).to(torch.bfloat16)  # 24 % 16 != 0
     assert odd(torch.randn(1, 128, generator=gen).to(torch.bfloat16)).shape == (1, 24)

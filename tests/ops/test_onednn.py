@@ -122,6 +122,6 @@ def test_weight_only_int8_decode_kernel(rows, gen, monkeypatch):
     assert fast.shape == (1, rows, 96) and fast.dtype == dtype
     assert calls == [1]  # the kernel ran for the small-M call
     assert _rel(fast, ref) < tol
-    big = torch.randn(64, 256, generator=gen).to(dtype)  # batched: the reference path
+    big = torch.randn(129, 256, generator=gen).to(dtype)  # > 128 rows (long prefill): the reference path
     ref_big, fast_big = _both(layer, big, expect_kernel=False)
     assert torch.equal(ref_big, fast_big)
