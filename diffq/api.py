@@ -1,7 +1,7 @@
 """`diffq.quantize`: the in-place quantize -> (calibrate) -> convert lifecycle for any nn.Module."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +50,16 @@ def attach_clock(model: nn.Module, timestep_of: TimestepOf | None = None) -> Tim
 
 
 def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
-                  segments: dict[str, list[int]]) -> dict[str, tuple[nn.Module, int, list[int]]]:
-    """Layers with static activation quantization: name -> (module, feature axis, segments)."""
+                  segments: dict[str, list[int]]) -> dict[str, tuple[nn.Module, int, list[int], int]]:
+    """Layers with static activation quantization:
+    name -> (module, feature axis, segments, leading tokens kept float)."""
     out = {}
     for n, p in plans.items():
-        if p.activations is not None and p.activations.mode == "static":
+        a = p.activations
+        if a is not None and a.mode == "static":
             m = model.get_submodule(n)
-            out[n] = (m, _feature_axis(m), segments.get(n, [_in_channels(m)]))
+            prefix = a.float_prefix if isinstance(m, nn.Linear) else 0
+            out[n] = (m, _feature_axis(m), segments.get(n, [_in_channels(m)]), prefix)
     return out
 
 
@@ -117,6 +120,7 @@ def quantize(
     segments: dict[str, list[int]] | None = None,
     progress: bool = False,
     stats: dict[str, LayerStats] | None = None,
+    load_block: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place and return it; `model.diffq_report` says what was done.
 
@@ -129,6 +133,9 @@ def quantize(
     segments: layer name -> input channel segment sizes that get separate activation scales
     (used where the layer's activation spec sets split_skip).
     stats: precollected statistics (see `collect_stats`), instead of running `calibration`.
+    load_block: for a model whose repeated blocks are still on the meta device, loads the
+    float weights of the block it is given the name of; calibration then runs block by block
+    (see `diffq.sequential` and `diffq.integrations.lowmem`).
     A recipe with a `mixed` section first measures per-layer sensitivity on the first
     prompts * timesteps calibration items and picks widths (see `plan_mixed`).
     """
@@ -143,13 +150,17 @@ def quantize(
     plans, report = plan_layers(model, recipe)
     keep_fp32(model, plans, report)
     needs = {n: nd for n, p in plans.items() if (nd := input_needs(model.get_submodule(n), p))}
-    if needs and uses_sequential(model, recipe, needs):
+    if load_block is not None or (needs and uses_sequential(model, recipe, needs)):
         if calibration is None or callable(calibration):
             raise CalibrationError("sequential calibration needs a list of calibration items "
                                    "(pass calibration=[...])")
+        if recipe.sequential is False:
+            raise RecipeError("load_block (out-of-core) needs block-by-block calibration, but the "
+                              "recipe sets sequential: false")
         from diffq.sequential import quantize_sequential
 
-        prepared = quantize_sequential(model, plans, calibration, progress=progress)
+        prepared = quantize_sequential(model, plans, calibration, progress=progress,
+                                       load_block=load_block)
         report.sequential = True
         return _finish(model, recipe, plans, report, prepared, timestep_of)
     segments = {n: seg for n, seg in (segments or {}).items() if n in plans

@@ -110,21 +110,24 @@ def segment_stats(x: torch.Tensor, axis: int, segments: list[int]):
 
 
 class ActivationCollector:
-    """Context manager: forward pre-hooks on `layers` (name -> (module, feature_axis, segments)).
+    """Context manager: forward pre-hooks on `layers` (name -> (module, feature_axis, segments)
+    or (module, feature_axis, segments, prefix): the first `prefix` tokens of a [B, L, C] input
+    are left out, see ActivationSpec.float_prefix).
 
     `clock` gives the timestep of the current call (see `diffq.nn.timestep`).
     """
 
-    def __init__(self, layers: dict[str, tuple[nn.Module, int, list[int]]], clock) -> None:
-        self.layers = layers
+    def __init__(self, layers: dict[str, tuple], clock) -> None:
+        self.layers = {n: (*v, 0)[:4] for n, v in layers.items()}
         self.clock = clock
-        self._acc = {name: _Accumulator(len(seg)) for name, (_, _, seg) in layers.items()}
+        self._acc = {name: _Accumulator(len(v[2])) for name, v in self.layers.items()}
         self._handles: list = []
 
-    def _hook(self, name: str, axis: int, segments: list[int]):
+    def _hook(self, name: str, axis: int, segments: list[int], prefix: int):
         def hook(_m: nn.Module, args: tuple) -> None:
             t = self.clock.value
-            found = segment_stats(args[0], axis, segments)
+            x = args[0][:, prefix:] if prefix and args[0].dim() == 3 else args[0]
+            found = segment_stats(x, axis, segments)
             if found is None:
                 where = "" if t is None else f" at timestep {t:g}"
                 raise CalibrationError(f"non-finite activation (NaN/Inf) entering layer {name!r}{where}")
@@ -139,8 +142,8 @@ class ActivationCollector:
         return {n: a.finish() for n, a in self._acc.items()}
 
     def __enter__(self) -> ActivationCollector:
-        for name, (m, axis, segments) in self.layers.items():
-            self._handles.append(m.register_forward_pre_hook(self._hook(name, axis, segments)))
+        for name, (m, axis, segments, prefix) in self.layers.items():
+            self._handles.append(m.register_forward_pre_hook(self._hook(name, axis, segments, prefix)))
         return self
 
     def __exit__(self, *exc) -> None:

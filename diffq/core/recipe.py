@@ -108,6 +108,11 @@ class ActivationSpec:
     # max_outliers per layer, a fixed count so that checkpoints have static shapes)
     outlier_threshold: float | None = None
     max_outliers: int = 64
+    # tokens at the start of a [B, L, C] input that stay out of the calibrated range and are
+    # multiplied with float activations: the BOS row of CLIP text states entering
+    # cross-attention K/V is the same for every prompt and, in SD-class models, an outlier
+    # tens of times larger than the other tokens, which would set the whole tensor's scale
+    float_prefix: int = 0
 
     def validate(self) -> None:
         if self.smoothing != "none" and self.mode != "dynamic":
@@ -131,6 +136,8 @@ class ActivationSpec:
             raise RecipeError(f"activations.observer {self.observer!r} needs format int8")
         if self.outlier_threshold is not None and (self.mode != "dynamic" or self.smoothing != "none"):
             raise RecipeError("activations.outlier_threshold needs mode 'dynamic' without smoothing")
+        if self.float_prefix < 0:
+            raise RecipeError(f"activations.float_prefix must be >= 0, got {self.float_prefix}")
         if self.outlier_threshold is not None and (self.outlier_threshold <= 0 or self.max_outliers < 1):
             raise RecipeError("activations.outlier_threshold must be > 0 and max_outliers >= 1")
 

@@ -25,8 +25,14 @@ class QLinear(QuantizedLayer):
                              input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(self.scale_input(x), self.quantized_weight, self.bias, self.act_params(),
-                          self.kernel_cache, self.backend)
+        x = self.scale_input(x)
+        args = (self.quantized_weight, self.bias)
+        prefix = 0 if self.input_quant is None else self.input_quant.spec.float_prefix
+        if prefix and x.dim() == 3:  # leading tokens (BOS) with float activations, see ActivationSpec
+            head = ops.linear(x[:, :prefix], *args, None, self.kernel_cache, self.backend)
+            tail = ops.linear(x[:, prefix:], *args, self.act_params(), self.kernel_cache, self.backend)
+            return torch.cat((head, tail), dim=1)
+        return ops.linear(x, *args, self.act_params(), self.kernel_cache, self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weights={self.weight_spec.format}"
