@@ -49,6 +49,9 @@ def _add_llm(calibrate: argparse.ArgumentParser, eval_: argparse.ArgumentParser)
         sp.add_argument("--seq-len", type=int, help="transformers models: tokens per window (default 128)")
         sp.add_argument("--num-samples", type=int, help="transformers models: calibration windows "
                         "(default 32) / encoder eval sentences (default 64)")
+    calibrate.add_argument("--low-memory", action="store_true",
+                           help="transformers models: keep one decoder block's float weights in "
+                           "memory at a time, loaded from the safetensors checkpoint when reached")
     eval_.add_argument("--stride", type=int, help="perplexity window stride (default 64)")
     eval_.add_argument("--decode-tokens", type=int, help="greedy tokens per decode run (default 32)")
 
@@ -170,6 +173,8 @@ def _settings(cls, args: argparse.Namespace, **required):
 def _run_calibrate(args: argparse.Namespace) -> int:
     if _llm_args(args):
         return _run_llm(args)
+    if args.low_memory:
+        raise InputError("--low-memory is for transformers models (--model <dir> --dataset <text>)")
     from diffq.integrations.calibrate import CalibrateSettings, run_calibrate
 
     s = _settings(CalibrateSettings, args)

@@ -107,11 +107,14 @@ def _collector(model: nn.Module, needs: dict[str, tuple[bool, int]]) -> InputCol
 
 def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibration: Iterable[Any],
                         on_block: Callable[[int, nn.Module], None] | None = None,
-                        progress: bool = False) -> dict[str, PreparedLayer]:
+                        progress: bool = False,
+                        load_block: Callable[[str], None] | None = None) -> dict[str, PreparedLayer]:
     """Quantize the planned layers of `model` block by block (see the module docstring), then
     the planned layers outside the blocks with one more pass of the calibration data (now
     through the quantized blocks) if they need inputs. `on_block(i, block)` is called after
-    block i is quantized (e.g. to offload it). Static activation plans are not supported."""
+    block i is quantized (e.g. to offload it); `load_block(name)` before block `name` is first
+    used, for models whose blocks start on the meta device (see diffq.integrations.lowmem).
+    Static activation plans are not supported."""
     from tqdm.auto import tqdm
 
     static = [n for n, p in plans.items() if p.activations is not None and p.activations.mode == "static"]
@@ -124,6 +127,8 @@ def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibrati
     prepared: dict[str, PreparedLayer] = {}
     for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress, leave=False)):
         head = f"{prefix}.{i}." if prefix else f"{i}."
+        if load_block is not None:
+            load_block(head[:-1])
         sub = {n: p for n, p in plans.items() if n.startswith(head)}
         needs = {n: nd for n, p in sub.items() if (nd := input_needs(model.get_submodule(n), p))}
         stats: dict[str, InputStats] = {}

@@ -116,6 +116,23 @@ class LLMCalibrateSettings:
     batch_size: int = 8
     out: Path | None = None
     overwrite: bool = False
+    low_memory: bool = False  # load one block's float weights at a time (diffq.integrations.lowmem)
+
+
+def _load_for_calibration(s: LLMCalibrateSettings):
+    """(model, load_block or None): the whole float model, or with --low-memory only its
+    non-block weights and a loader for each block."""
+    if not s.low_memory:
+        model = load_model(s.model)
+        linearize_conv1d(model)
+        return model, None
+    from diffq.integrations.lowmem import load_skeleton
+    from diffq.sequential import find_blocks
+
+    if not is_transformers_dir(s.model):
+        raise InputError(f"{s.model} is not a transformers model directory (config.json with architectures)")
+    model, lazy = load_skeleton(s.model, lambda m: find_blocks(m)[0])
+    return model, lazy.load_block
 
 
 def run_llm_calibrate(s: LLMCalibrateSettings, progress: bool = False) -> dict:
@@ -127,9 +144,8 @@ def run_llm_calibrate(s: LLMCalibrateSettings, progress: bool = False) -> dict:
     out = s.out or Path("out") / f"{Path(s.model).name}-{recipe.name}"
     if out.exists() and not s.overwrite:
         raise InputError(f"output directory {out} exists; pass --overwrite or choose another")
-    model = load_model(s.model)
+    model, load_block = _load_for_calibration(s)
     tok = load_tokenizer(s.model)
-    linearize_conv1d(model)
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise InputError(f"{s.model}: the model has no Linear layers to quantize")
     length = max_length(model, s.seq_len)
@@ -137,7 +153,8 @@ def run_llm_calibrate(s: LLMCalibrateSettings, progress: bool = False) -> dict:
     ids = windows(token_stream(tok, text), s.num_samples, length, f"dataset {s.dataset}")
     fp_bytes = weight_bytes(model)
     t = time.perf_counter()
-    quantize(model, recipe, calibration=calibration_items(ids, s.batch_size), progress=progress)
+    quantize(model, recipe, calibration=calibration_items(ids, s.batch_size), progress=progress,
+             load_block=load_block)
     seconds = time.perf_counter() - t
     rep = model.diffq_report
     if not rep.quantized:
