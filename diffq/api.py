@@ -107,7 +107,7 @@ def plan_mixed(model: nn.Module, recipe: str | Path | Recipe, calls: list,
     shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
     if table is None or table.layers != list(layers):
         table = measure_sensitivity(model, layers, calls, layer_candidates(recipe.mixed, shapes), progress)
-    alloc = choose(table, recipe.mixed, shapes)
+    alloc = choose(table, recipe.mixed, shapes, model_bytes=weight_bytes(model))
     measured = measure_allocation(model, layers, calls, alloc.specs)
     return MixedResult(recipe.resolve_mixed(alloc.specs), alloc, table, measured)
 

@@ -167,13 +167,16 @@ class MinBits:
 class MixedSpec:
     """Sensitivity-driven mixed precision: each quantized layer gets one of `candidates` (or
     float when allow_float) so that the summed measured sensitivity is minimal under the budget:
-    `target_bits` (average nominal weight width over those layers) or `max_bytes` (their real
-    storage, scales included). Sensitivity is measured on `prompts` calibration prompts at
-    `timesteps` denoising steps each (or that many calibration items for plain models)."""
+    `target_bits` (average nominal weight width over those layers), `max_bytes` (their real
+    storage, scales included) or `max_ratio` (the whole model's weight bytes, counted as
+    `diffq.weight_bytes` does, over its bf16 bytes). Sensitivity is measured on `prompts`
+    calibration prompts at `timesteps` denoising steps each (or that many calibration items for
+    plain models)."""
 
     candidates: list[WeightSpec]
     target_bits: float | None = None
     max_bytes: int | None = None
+    max_ratio: float | None = None
     allow_float: bool = True
     min_bits: list[MinBits] = field(default_factory=list)
     prompts: int = 8
@@ -183,8 +186,10 @@ class MixedSpec:
         widths = [c.bits for c in self.candidates] + ([16] if self.allow_float else [])
         if not self.candidates or len(set(widths)) != len(widths):
             raise RecipeError("mixed.candidates: give one weight spec per distinct width")
-        if (self.target_bits is None) == (self.max_bytes is None):
-            raise RecipeError("mixed: set exactly one of target_bits and max_bytes")
+        if sum(b is not None for b in (self.target_bits, self.max_bytes, self.max_ratio)) != 1:
+            raise RecipeError("mixed: set exactly one of target_bits, max_bytes and max_ratio")
+        if self.max_ratio is not None and not 0 < self.max_ratio <= 1:
+            raise RecipeError(f"mixed.max_ratio must be in (0, 1], got {self.max_ratio}")
         if self.target_bits is not None and not min(widths) <= self.target_bits <= max(widths):
             raise RecipeError(f"mixed.target_bits {self.target_bits} is outside the candidate "
                               f"widths {min(widths)}..{max(widths)}")

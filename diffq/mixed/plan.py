@@ -65,9 +65,12 @@ class Allocation:
     predicted_error: float  # sum of the chosen per-layer measured errors
 
 
-def choose(table: SensitivityTable, mixed: MixedSpec, shapes: dict[str, tuple[int, ...]]) -> Allocation:
+def choose(table: SensitivityTable, mixed: MixedSpec, shapes: dict[str, tuple[int, ...]],
+           model_bytes: int | None = None) -> Allocation:
     """Solve the knapsack for the recipe's budget. Widths a layer cannot take (min_bits rule,
-    group size) have an infinite error in the table and are never chosen."""
+    group size) have an infinite error in the table and are never chosen. model_bytes: the
+    float model's bf16 weight bytes (diffq.weight_bytes), needed by a max_ratio budget; what of
+    it is not the tabled layers' weights stays as it is."""
     cands = layer_candidates(mixed, {n: shapes[n] for n in table.layers})
     for name in table.layers:
         if mixed.allow_float:
@@ -87,8 +90,15 @@ def choose(table: SensitivityTable, mixed: MixedSpec, shapes: dict[str, tuple[in
     else:
         costs = torch.tensor([[storage_bytes(shapes[n], cands[n].get(b)) for b in table.bits]
                               for n in table.layers], dtype=torch.float64)
-        budget = float(mixed.max_bytes)
-        what = f"max_bytes {mixed.max_bytes:,}"
+        if mixed.max_ratio is not None:
+            if model_bytes is None:
+                raise ValueError("a max_ratio budget needs the model's bf16 weight bytes")
+            rest = model_bytes - sum(storage_bytes(shapes[n], None) for n in table.layers)
+            budget = mixed.max_ratio * model_bytes - rest
+            what = f"max_ratio {mixed.max_ratio} ({budget:,.0f} bytes for these layers)"
+        else:
+            budget = float(mixed.max_bytes)
+            what = f"max_bytes {mixed.max_bytes:,}"
     floor = torch.where(allowed, costs, float("inf")).amin(dim=1).sum()
     if floor > budget:
         unit = "bits on average" if mixed.target_bits is not None else "bytes"

@@ -49,6 +49,22 @@ def test_budget_in_bytes():
     assert alloc.bits["up.conv1"] == 8
 
 
+def test_budget_as_a_ratio_of_the_whole_model():
+    shapes = SHAPES
+    bf16 = sum(storage_bytes(s, None) for s in shapes.values())
+    rest = bf16 // 50  # biases, norms, layers kept float: counted at bf16, unchanged
+    model_bytes = bf16 + rest
+    for ratio in (0.35, 0.45):
+        alloc = choose(_table(), MixedSpec(candidates=[W4, W8], max_ratio=ratio), shapes, model_bytes)
+        assert (alloc.bytes + rest) / model_bytes <= ratio
+    with pytest.raises(RecipeError, match="max_ratio 0.2 .* cannot be met"):
+        choose(_table(), MixedSpec(candidates=[W4, W8], max_ratio=0.2), shapes, model_bytes)
+    with pytest.raises(RecipeError, match=r"max_ratio must be in \(0, 1\]"):
+        MixedSpec(candidates=[W4, W8], max_ratio=1.5).validate()
+    with pytest.raises(RecipeError, match="exactly one"):
+        MixedSpec(candidates=[W4, W8], target_bits=5, max_ratio=0.3).validate()
+
+
 def test_unreachable_budget_and_bad_specs():
     with pytest.raises(RecipeError, match="cannot be met"):
         choose(_table(), MixedSpec(candidates=[W4, W8], target_bits=4.5,
