@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,7 +160,7 @@ def quantize(
         from diffq.sequential import quantize_sequential
 
         prepared = quantize_sequential(model, plans, calibration, progress=progress,
-                                       load_block=load_block)
+                                       load_block=load_block, materialize=offload_context(model))
         report.sequential = True
         return _finish(model, recipe, plans, report, prepared, timestep_of)
     segments = {n: seg for n, seg in (segments or {}).items() if n in plans
@@ -190,11 +190,16 @@ def quantize(
                                f"({len(missing)} layers); were they collected for another model?")
     stats = {n: stats[n] for n in layers}
     input_stats = {} if inputs is None else inputs.stats()
-    prepared = {n: prepare_layer(model.get_submodule(n), plans[n], input_stats[n]) for n in needs}
+    materialize = offload_context(model)
+    prepared = {}
+    for n in needs:
+        with materialize(model.get_submodule(n)):
+            prepared[n] = prepare_layer(model.get_submodule(n), plans[n], input_stats[n])
     converted = convert(model, plans, segments, weights={n: p.weight for n, p in prepared.items()},
                         input_scales={n: p.input_scale for n, p in prepared.items()
                                       if p.input_scale is not None},
-                        outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None})
+                        outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None},
+                        materialize=materialize)
     bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
     for name, st in stats.items():
         spec = plans[name].activations
@@ -204,6 +209,19 @@ def quantize(
         scale, zp = scale_table(st, bounds[key], spec)
         converted[name].input_quant.set_table(scale, bounds[key], zp)
     return _finish(model, recipe, plans, report, prepared, timestep_of)
+
+
+def offload_context(model: nn.Module) -> Callable[[nn.Module], AbstractContextManager]:
+    """module -> a context in which its weights are real: accelerate's align_module_device for
+    models dispatched with offloaded weights (device_map with "cpu" / "disk", cpu_offload),
+    else a no-op. Quantized twins are built inside it and stay in memory."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:
+        return lambda _m: nullcontext()
+    if any(has_offloaded_params(m) for m in model.modules()):
+        return align_module_device
+    return lambda _m: nullcontext()
 
 
 def keep_fp32(model: nn.Module, plans: dict[str, LayerPlan], report: QuantizationReport) -> None:

@@ -6,6 +6,7 @@ the errors of the blocks before it, which GPTQ then compensates."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -88,14 +89,19 @@ def run_block(block: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
     return [_hidden(block(*a, **k)) for a, k in calls]
 
 
-def prepare_and_convert(model: nn.Module, plans: dict[str, LayerPlan],
-                        stats: dict[str, InputStats]) -> dict[str, PreparedLayer]:
+def prepare_and_convert(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str, InputStats],
+                        materialize=None) -> dict[str, PreparedLayer]:
     """Choose the weights of the planned layers (GPTQ, AWQ, ... from `stats` where given) and
-    swap the modules in `model`. Returns the prepared layers (for the report notes)."""
-    prepared = {n: prepare_layer(model.get_submodule(n), plans[n], stats[n]) for n in stats}
+    swap the modules in `model`. Returns the prepared layers (for the report notes).
+    `materialize(module)`: a context in which an offloaded module's weights are real."""
+    prepared = {}
+    for n in stats:
+        with nullcontext() if materialize is None else materialize(model.get_submodule(n)):
+            prepared[n] = prepare_layer(model.get_submodule(n), plans[n], stats[n])
     convert(model, plans, weights={n: p.weight for n, p in prepared.items()},
             input_scales={n: p.input_scale for n, p in prepared.items() if p.input_scale is not None},
-            outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None})
+            outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None},
+            materialize=materialize)
     return prepared
 
 
@@ -108,12 +114,14 @@ def _collector(model: nn.Module, needs: dict[str, tuple[bool, int]]) -> InputCol
 def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibration: Iterable[Any],
                         on_block: Callable[[int, nn.Module], None] | None = None,
                         progress: bool = False,
-                        load_block: Callable[[str], None] | None = None) -> dict[str, PreparedLayer]:
+                        load_block: Callable[[str], None] | None = None,
+                        materialize=None) -> dict[str, PreparedLayer]:
     """Quantize the planned layers of `model` block by block (see the module docstring), then
     the planned layers outside the blocks with one more pass of the calibration data (now
     through the quantized blocks) if they need inputs. `on_block(i, block)` is called after
     block i is quantized (e.g. to offload it); `load_block(name)` before block `name` is first
-    used, for models whose blocks start on the meta device (see diffq.integrations.lowmem).
+    used, for models whose blocks start on the meta device (see diffq.integrations.lowmem);
+    `materialize` as in `prepare_and_convert`, for offloaded (device_map) models.
     Static activation plans are not supported."""
     from tqdm.auto import tqdm
 
@@ -136,7 +144,7 @@ def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibrati
             with _collector(model, needs) as inputs:
                 run_block(block, calls)
             stats = inputs.stats()
-        prepared.update(prepare_and_convert(model, sub, stats))
+        prepared.update(prepare_and_convert(model, sub, stats, materialize))
         if i + 1 < len(blocks):
             calls = [_with_hidden(c, h) for c, h in zip(calls, run_block(block, calls), strict=True)]
         if on_block is not None:
@@ -150,5 +158,5 @@ def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibrati
             for item in calibration:
                 call_model(model, item)
         stats = inputs.stats()
-    prepared.update(prepare_and_convert(model, outside, stats))
+    prepared.update(prepare_and_convert(model, outside, stats, materialize))
     return prepared

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -89,29 +91,37 @@ def convert(
     weights: dict[str, QuantizedWeight] | None = None,
     input_scales: dict[str, torch.Tensor] | None = None,
     outliers: dict[str, torch.Tensor] | None = None,
+    materialize: Callable[[nn.Module], AbstractContextManager] | None = None,
 ) -> dict[str, QuantizedLayer]:
     """Replace each planned layer by its quantized twin (empty=True: zeros, for loading).
     `weights`: already quantized weights (GPTQ, AWQ) by layer name, the others are rounded
     here; `input_scales`: per-input-channel factors [C] of AWQ / SmoothQuant layers;
-    `outliers`: the 16-bit input channel slots of LLM.int8() layers (see `outlier_slots`)."""
+    `outliers`: the 16-bit input channel slots of LLM.int8() layers (see `outlier_slots`);
+    `materialize(module)`: a context in which an offloaded module's weights are real (e.g.
+    accelerate's align_module_device); its quantized twin is built there and stays in memory."""
     segments, weights, input_scales = segments or {}, weights or {}, input_scales or {}
     outliers = outliers or {}
     out: dict[str, QuantizedLayer] = {}
     for name, plan in plans.items():
         m = model.get_submodule(name)
-        if is_outlier_plan(m, plan):
-            q = QLinearOutlier(m, plan.weights, plan.activations, outliers.get(name), empty=empty,
-                               qweight=weights.get(name))
-        else:
-            cls = QLinear if isinstance(m, nn.Linear) else QConv2d
-            q = cls(m, plan.weights, plan.activations, segments.get(name), empty=empty,
-                    qweight=weights.get(name), input_scale=input_scales.get(name))
-        q.to(device=m.weight.device)
+        with nullcontext() if materialize is None else materialize(m):
+            q = _twin(m, name, plan, segments, weights, input_scales, outliers, empty)
+            q.to(device=m.weight.device)
         if q.input_quant is not None:
             q.input_quant.name = name
         replace_module(model, name, q)
         out[name] = q
     return out
+
+
+def _twin(m: nn.Module, name: str, plan: LayerPlan, segments, weights, input_scales, outliers,
+          empty: bool) -> QuantizedLayer:
+    if is_outlier_plan(m, plan):
+        return QLinearOutlier(m, plan.weights, plan.activations, outliers.get(name), empty=empty,
+                              qweight=weights.get(name))
+    cls = QLinear if isinstance(m, nn.Linear) else QConv2d
+    return cls(m, plan.weights, plan.activations, segments.get(name), empty=empty,
+               qweight=weights.get(name), input_scale=input_scales.get(name))
 
 
 def is_outlier_plan(module: nn.Module, plan: LayerPlan) -> bool:

@@ -14,6 +14,7 @@ from diffq.api import collect_stats, static_layers
 from diffq.core.recipe import load_recipe
 from diffq.integrations.unet import skip_concat_segments
 from diffq.nn.convert import plan_layers
+from tests.conftest import assert_same_state
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "samples" / "tiny-sd"
@@ -60,3 +61,32 @@ def test_offloaded_unet_collects_the_same_statistics():
     assert got.keys() == plain.keys()
     for name in plain:
         assert same(got[name].tensors(), plain[name].tensors()), name
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16"])
+def test_disk_offloaded_unet_quantizes_like_in_memory(recipe, tmp_path):
+    """device_map with every weight offloaded to disk (the UNet does not fit the memory budget):
+    statistics, GPTQ Hessians and quantized layers equal the in-memory run's; the quantized
+    layers end up in memory, the float ones stay offloaded."""
+    import diffq
+    from diffq.nn.base import QuantizedLayer
+
+    g = torch.Generator().manual_seed(0)
+    calls = [((torch.randn(2, 4, 16, 16, generator=g), torch.tensor([t, t]),
+               torch.randn(2, 8, 128, generator=g)), {}) for t in (999, 700, 400, 1)]
+    plain = diffq.quantize(UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet"), recipe,
+                           calibration=calls)
+    offloaded = UNet2DConditionModel.from_pretrained(
+        MODEL, subfolder="unet", device_map="auto", max_memory={"cpu": "1MB"},
+        offload_folder=str(tmp_path), torch_dtype=torch.float32)
+    assert offloaded.conv_in.weight.device.type == "meta"  # on disk, loaded per call
+    diffq.quantize(offloaded, recipe, calibration=calls)
+    for name, q in plain.named_modules():
+        if isinstance(q, QuantizedLayer):
+            twin = offloaded.get_submodule(name)
+            assert isinstance(twin, QuantizedLayer) and twin.qweight.device.type == "cpu"
+            assert_same_state(q, twin)
+    assert offloaded.conv_in.weight.device.type == "meta"  # kept float by the recipe: still offloaded
+    (x, t, e), _ = calls[0]
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, e).sample, offloaded(x, t, e).sample)

@@ -78,3 +78,30 @@ def test_low_memory_bad_inputs(llama_dir, tmp_path, capsys):
     with pytest.raises(InputError, match="needs safetensors weights"):
         llm.run_llm_calibrate(_settings(src, data, tmp_path / "n", True))
     assert not (tmp_path / "g").exists() and not (tmp_path / "n").exists()
+
+
+def test_device_map_offloaded_llm_quantizes_like_in_memory(llama_dir, tmp_path):
+    """transformers' device_map with every weight on disk: the layer-by-layer GPTQ pass gives
+    the in-memory result, and the quantized layers end up in memory."""
+    from transformers import LlamaForCausalLM
+
+    from diffq.nn.base import QuantizedLayer
+    from tests.conftest import assert_same_state
+
+    src, data = llama_dir
+    tok = llm.load_tokenizer(src)
+    items = llm.calibration_items(llm.windows(llm.token_stream(tok, data.read_text()), 4, 32), 2)
+    plain = diffq.quantize(LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval(),
+                           "llm-w4a16-gptq", calibration=items)
+    offloaded = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32, device_map="auto",
+                                                 max_memory={"cpu": "1MB"},
+                                                 offload_folder=str(tmp_path / "off")).eval()
+    assert offloaded.model.layers[0].mlp.down_proj.weight.is_meta
+    diffq.quantize(offloaded, "llm-w4a16-gptq", calibration=items)
+    for name, q in plain.named_modules():
+        if isinstance(q, QuantizedLayer):
+            twin = offloaded.get_submodule(name)
+            assert isinstance(twin, QuantizedLayer) and twin.qweight.device.type == "cpu"
+            assert_same_state(q, twin)
+    with torch.no_grad():
+        assert torch.equal(plain(**items[0]).logits, offloaded(**items[0]).logits)
