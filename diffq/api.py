@@ -137,17 +137,21 @@ def quantize(
     float weights of the block it is given the name of; calibration then runs block by block
     (see `diffq.sequential` and `diffq.integrations.lowmem`).
     A recipe with a `mixed` section first measures per-layer sensitivity on the first
-    prompts * timesteps calibration items and picks widths (see `plan_mixed`).
+    prompts * timesteps calibration items and picks widths (see `plan_mixed`); the evidence
+    is kept as `model.diffq_report.mixed`.
     """
     recipe = load_recipe(recipe)
+    mixed = None
     if recipe.mixed is not None:
         if callable(calibration):
             raise CalibrationError("mixed precision replays calibration items; pass a list, not a callable")
         calibration = list(calibration or [])  # used twice: sensitivity, then statistics
         items = calibration[: recipe.mixed.prompts * recipe.mixed.timesteps]
-        recipe = plan_mixed(model, recipe, items, progress=progress).recipe
+        mixed = plan_mixed(model, recipe, items, progress=progress)
+        recipe = mixed.recipe
     linearize_conv1d(model)  # GPT-2's transposed Conv1D layers become plannable nn.Linear
     plans, report = plan_layers(model, recipe)
+    report.mixed = mixed
     keep_fp32(model, plans, report)
     needs = {n: nd for n, p in plans.items() if (nd := input_needs(model.get_submodule(n), p))}
     if load_block is not None or (needs and uses_sequential(model, recipe, needs)):

@@ -5,6 +5,7 @@ import fnmatch
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ class QuantizationReport:
     skipped: dict[str, str] = field(default_factory=dict)
     unmatched_patterns: list[str] = field(default_factory=list)
     sequential: bool = False  # calibrated block by block (diffq.sequential)
+    mixed: Any = None  # diffq.api.MixedResult of a mixed-precision recipe: table, widths, errors
 
     def summary(self) -> str:
         lines = [f"recipe {self.recipe}: {len(self.quantized)} layers quantized, "
