@@ -122,8 +122,11 @@ def describe(model: nn.Module) -> dict[str, Any]:
             "format_version": meta["format_version"], "diffq_version": __version__}
 
 
-def prepare(model: nn.Module, config: DiffqConfigMixin, pre_quantized: bool) -> None:
-    """Before the weights load: a checkpoint's layers become empty quantized layers (on meta)."""
+def prepare(model: nn.Module, config: DiffqConfigMixin, pre_quantized: bool,
+            keep_in_fp32: list[str] | tuple[str, ...] = ()) -> None:
+    """Before the weights load: a checkpoint's layers become empty quantized layers (on meta).
+    `keep_in_fp32`: modules the framework keeps in fp32, added to modules_to_not_convert."""
+    config.modules_to_not_convert += [m for m in keep_in_fp32 if m not in config.modules_to_not_convert]
     if not pre_quantized:
         config.quantize_recipe()  # refuse a calibrated recipe before reading any weight
         return

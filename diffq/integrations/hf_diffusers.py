@@ -67,9 +67,7 @@ class DiffqQuantizer(DiffusersQuantizer):
         layer.kernel_cache.clear()
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=(), **kwargs):
-        skip = self.quantization_config.modules_to_not_convert
-        skip += [m for m in keep_in_fp32_modules if m not in skip]
-        prepare(model, self.quantization_config, self.pre_quantized)
+        prepare(model, self.quantization_config, self.pre_quantized, keep_in_fp32_modules or ())
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

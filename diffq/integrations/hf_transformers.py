@@ -28,10 +28,8 @@ class DiffqHfQuantizer(HfQuantizer):
             self.quantization_config.quantize_recipe()
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
-        self.quantization_config.modules_to_not_convert += [
-            m for m in keep if m not in self.quantization_config.modules_to_not_convert]
-        prepare(model, self.quantization_config, self.pre_quantized)
+        prepare(model, self.quantization_config, self.pre_quantized,
+                getattr(model, "_keep_in_fp32_modules", None) or ())
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
