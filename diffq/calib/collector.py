@@ -110,15 +110,15 @@ def segment_stats(x: torch.Tensor, axis: int, segments: list[int]):
 
 
 class ActivationCollector:
-    """Context manager: forward pre-hooks on `layers` (name -> (module, feature_axis, segments)
-    or (module, feature_axis, segments, prefix): the first `prefix` tokens of a [B, L, C] input
-    are left out, see ActivationSpec.float_prefix).
+    """Context manager: forward pre-hooks on `layers` (name -> (module, feature_axis, segments,
+    prefix); the first `prefix` tokens of a [B, L, C] input are left out, see
+    ActivationSpec.float_prefix).
 
     `clock` gives the timestep of the current call (see `diffq.nn.timestep`).
     """
 
-    def __init__(self, layers: dict[str, tuple], clock) -> None:
-        self.layers = {n: (*v, 0)[:4] for n, v in layers.items()}
+    def __init__(self, layers: dict[str, tuple[nn.Module, int, list[int], int]], clock) -> None:
+        self.layers = layers
         self.clock = clock
         self._acc = {name: _Accumulator(len(v[2])) for name, v in self.layers.items()}
         self._handles: list = []

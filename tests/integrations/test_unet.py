@@ -77,7 +77,7 @@ def test_w8a8_on_diffusers_unet_with_split_and_groups(unet, tmp_path):
 
 
 def test_collections_merge_exactly(unet):
-    layers = {n: (m, 1, [m.in_channels]) for n, m in unet.named_modules()
+    layers = {n: (m, 1, [m.in_channels], 0) for n, m in unet.named_modules()
               if isinstance(m, torch.nn.Conv2d)}
     calls = _calls(6)
 
