@@ -19,8 +19,8 @@ from diffq.integrations import hf
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
 from diffq.nn.base import QuantizedLayer
-from diffq.nn.convert import QuantizationReport, convert, linearize_conv1d, plan_layers
-from diffq.nn.prepare import input_needs, prepare_layer
+from diffq.nn.convert import QuantizationReport, linearize_conv1d, plan_layers
+from diffq.nn.prepare import input_needs, prepare_and_convert
 from diffq.nn.timestep import TimestepClock, TimestepOf, install_clock
 
 
@@ -194,16 +194,8 @@ def quantize(
                                f"({len(missing)} layers); were they collected for another model?")
     stats = {n: stats[n] for n in layers}
     input_stats = {} if inputs is None else inputs.stats()
-    materialize = offload_context(model)
-    prepared = {}
-    for n in needs:
-        with materialize(model.get_submodule(n)):
-            prepared[n] = prepare_layer(model.get_submodule(n), plans[n], input_stats[n])
-    converted = convert(model, plans, segments, weights={n: p.weight for n, p in prepared.items()},
-                        input_scales={n: p.input_scale for n, p in prepared.items()
-                                      if p.input_scale is not None},
-                        outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None},
-                        materialize=materialize)
+    prepared, converted = prepare_and_convert(model, plans, {n: input_stats[n] for n in needs},
+                                              segments, offload_context(model))
     bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
     for name, st in stats.items():
         spec = plans[name].activations

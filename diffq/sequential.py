@@ -6,7 +6,6 @@ the errors of the blocks before it, which GPTQ then compensates."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -16,8 +15,7 @@ from diffq.calib.collector import call_model
 from diffq.calib.hessian import InputCollector, InputStats
 from diffq.core.recipe import LayerPlan
 from diffq.errors import CalibrationError, RecipeError
-from diffq.nn.convert import convert
-from diffq.nn.prepare import PreparedLayer, input_needs, prepare_layer
+from diffq.nn.prepare import PreparedLayer, input_needs, prepare_and_convert
 
 Call = tuple[tuple, dict]
 
@@ -89,22 +87,6 @@ def run_block(block: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
     return [_hidden(block(*a, **k)) for a, k in calls]
 
 
-def prepare_and_convert(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str, InputStats],
-                        materialize=None) -> dict[str, PreparedLayer]:
-    """Choose the weights of the planned layers (GPTQ, AWQ, ... from `stats` where given) and
-    swap the modules in `model`. Returns the prepared layers (for the report notes).
-    `materialize(module)`: a context in which an offloaded module's weights are real."""
-    prepared = {}
-    for n in stats:
-        with nullcontext() if materialize is None else materialize(model.get_submodule(n)):
-            prepared[n] = prepare_layer(model.get_submodule(n), plans[n], stats[n])
-    convert(model, plans, weights={n: p.weight for n, p in prepared.items()},
-            input_scales={n: p.input_scale for n, p in prepared.items() if p.input_scale is not None},
-            outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None},
-            materialize=materialize)
-    return prepared
-
-
 def _collector(model: nn.Module, needs: dict[str, tuple[bool, int]]) -> InputCollector:
     return InputCollector({n: model.get_submodule(n) for n in needs},
                           hessian=[n for n, (h, _) in needs.items() if h],
@@ -121,7 +103,7 @@ def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibrati
     through the quantized blocks) if they need inputs. `on_block(i, block)` is called after
     block i is quantized (e.g. to offload it); `load_block(name)` before block `name` is first
     used, for models whose blocks start on the meta device (see diffq.integrations.lowmem);
-    `materialize` as in `prepare_and_convert`, for offloaded (device_map) models.
+    `materialize` as in `diffq.nn.prepare.prepare_and_convert`, for offloaded (device_map) models.
     Static activation plans are not supported."""
     from tqdm.auto import tqdm
 
@@ -144,7 +126,7 @@ def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibrati
             with _collector(model, needs) as inputs:
                 run_block(block, calls)
             stats = inputs.stats()
-        prepared.update(prepare_and_convert(model, sub, stats, materialize))
+        prepared.update(prepare_and_convert(model, sub, stats, materialize=materialize)[0])
         if i + 1 < len(blocks):
             calls = [_with_hidden(c, h) for c, h in zip(calls, run_block(block, calls), strict=True)]
         if on_block is not None:
@@ -158,5 +140,5 @@ def quantize_sequential(model: nn.Module, plans: dict[str, LayerPlan], calibrati
             for item in calibration:
                 call_model(model, item)
         stats = inputs.stats()
-    prepared.update(prepare_and_convert(model, outside, stats, materialize))
+    prepared.update(prepare_and_convert(model, outside, stats, materialize=materialize)[0])
     return prepared

@@ -3,6 +3,8 @@ before the modules are swapped: the glue between `diffq.calib.hessian` statistic
 functions of `diffq.algos`."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,7 +18,8 @@ from diffq.calib.hessian import InputStats, hessian_problem
 from diffq.core.recipe import LayerPlan
 from diffq.core.weights import QuantizedWeight, quantize_weight
 from diffq.errors import RecipeError
-from diffq.nn.convert import is_outlier_plan
+from diffq.nn.base import QuantizedLayer
+from diffq.nn.convert import convert, is_outlier_plan
 from diffq.nn.qoutlier import outlier_slots
 
 
@@ -109,3 +112,23 @@ def prepare_layer(module: nn.Module, plan: LayerPlan, stats: InputStats | None) 
         qw = quantize_weight(weight, spec)
     inv = None if s is None else (1.0 / s).float()
     return PreparedLayer(qw, inv, ", ".join(notes))
+
+
+def prepare_and_convert(
+    model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str, InputStats],
+    segments: dict[str, list[int]] | None = None,
+    materialize: Callable[[nn.Module], AbstractContextManager] | None = None,
+) -> tuple[dict[str, PreparedLayer], dict[str, QuantizedLayer]]:
+    """Choose the weights of the layers in `stats` (GPTQ, AWQ, ... from their inputs), then swap
+    every planned layer of `model` for its quantized twin (see `convert`). `materialize(module)`:
+    a context in which an offloaded module's weights are real. Returns (prepared, converted)."""
+    prepared = {}
+    for n in stats:
+        with nullcontext() if materialize is None else materialize(model.get_submodule(n)):
+            prepared[n] = prepare_layer(model.get_submodule(n), plans[n], stats[n])
+    converted = convert(model, plans, segments, weights={n: p.weight for n, p in prepared.items()},
+                        input_scales={n: p.input_scale for n, p in prepared.items()
+                                      if p.input_scale is not None},
+                        outliers={n: p.outliers for n, p in prepared.items() if p.outliers is not None},
+                        materialize=materialize)
+    return prepared, converted
