@@ -20,6 +20,7 @@ from diffq.integrations.llm import decode_speeds
 
 
 def build(hidden: int, layers: int, vocab: int) -> LlamaForCausalLM:
+    """A random-weight (seed 0) Llama: 128-wide heads, MLP 2.75x wide, tied embeddings."""
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64,
                       num_hidden_layers=layers, num_attention_heads=hidden // 128,
                       num_key_value_heads=hidden // 128, vocab_size=vocab,

@@ -14,8 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_llm_decode import build
 
 HERE = Path(__file__).parent
 
@@ -42,12 +41,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model"
-        cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4 // 64 * 64,
-                          num_hidden_layers=a.layers, num_attention_heads=a.hidden // 128,
-                          num_key_value_heads=a.hidden // 128, vocab_size=4096,
-                          max_position_embeddings=512, tie_word_embeddings=True)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg)
+        model = build(a.hidden, a.layers, vocab=4096)
         fp32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
         model.save_pretrained(src)
         del model

@@ -59,6 +59,17 @@ def toy_calibration(n_steps: int = 10, batch: int = 2, seed: int = 0):
             for t in torch.linspace(999, 0, n_steps).round().tolist()]
 
 
+def assert_same_quantized_layers(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every quantized layer of `a` has an in-memory twin in `b` with the same state."""
+    from diffq.nn.base import QuantizedLayer
+
+    for name, q in a.named_modules():
+        if isinstance(q, QuantizedLayer):
+            twin = b.get_submodule(name)
+            assert isinstance(twin, QuantizedLayer) and twin.qweight.device.type == "cpu", name
+            assert_same_state(q, twin)
+
+
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     """Same state-dict keys, dtypes and bits (1-byte dtypes such as float8 compared as bytes)."""
     sa, sb = a.state_dict(), b.state_dict()

@@ -14,7 +14,7 @@ from diffq.api import collect_stats, static_layers
 from diffq.core.recipe import load_recipe
 from diffq.integrations.unet import skip_concat_segments
 from diffq.nn.convert import plan_layers
-from tests.conftest import assert_same_state
+from tests.conftest import assert_same_quantized_layers
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "samples" / "tiny-sd"
@@ -69,7 +69,6 @@ def test_disk_offloaded_unet_quantizes_like_in_memory(recipe, tmp_path):
     statistics, GPTQ Hessians and quantized layers equal the in-memory run's; the quantized
     layers end up in memory, the float ones stay offloaded."""
     import diffq
-    from diffq.nn.base import QuantizedLayer
 
     g = torch.Generator().manual_seed(0)
     calls = [((torch.randn(2, 4, 16, 16, generator=g), torch.tensor([t, t]),
@@ -81,11 +80,7 @@ def test_disk_offloaded_unet_quantizes_like_in_memory(recipe, tmp_path):
         offload_folder=str(tmp_path), torch_dtype=torch.float32)
     assert offloaded.conv_in.weight.device.type == "meta"  # on disk, loaded per call
     diffq.quantize(offloaded, recipe, calibration=calls)
-    for name, q in plain.named_modules():
-        if isinstance(q, QuantizedLayer):
-            twin = offloaded.get_submodule(name)
-            assert isinstance(twin, QuantizedLayer) and twin.qweight.device.type == "cpu"
-            assert_same_state(q, twin)
+    assert_same_quantized_layers(plain, offloaded)
     assert offloaded.conv_in.weight.device.type == "meta"  # kept float by the recipe: still offloaded
     (x, t, e), _ = calls[0]
     with torch.no_grad():

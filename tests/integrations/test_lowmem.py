@@ -85,8 +85,7 @@ def test_device_map_offloaded_llm_quantizes_like_in_memory(llama_dir, tmp_path):
     the in-memory result, and the quantized layers end up in memory."""
     from transformers import LlamaForCausalLM
 
-    from diffq.nn.base import QuantizedLayer
-    from tests.conftest import assert_same_state
+    from tests.conftest import assert_same_quantized_layers
 
     src, data = llama_dir
     tok = llm.load_tokenizer(src)
@@ -98,10 +97,6 @@ def test_device_map_offloaded_llm_quantizes_like_in_memory(llama_dir, tmp_path):
                                                  offload_folder=str(tmp_path / "off")).eval()
     assert offloaded.model.layers[0].mlp.down_proj.weight.is_meta
     diffq.quantize(offloaded, "llm-w4a16-gptq", calibration=items)
-    for name, q in plain.named_modules():
-        if isinstance(q, QuantizedLayer):
-            twin = offloaded.get_submodule(name)
-            assert isinstance(twin, QuantizedLayer) and twin.qweight.device.type == "cpu"
-            assert_same_state(q, twin)
+    assert_same_quantized_layers(plain, offloaded)
     with torch.no_grad():
         assert torch.equal(plain(**items[0]).logits, offloaded(**items[0]).logits)
