@@ -25,6 +25,27 @@ TENSOR_FILE = "model.safetensors"
 HF_TENSOR_FILES = ("diffusion_pytorch_model.safetensors", TENSOR_FILE)
 
 
+# transformers without diffq only warns about an unknown quant_method, then runs the model with
+# random `weight`s in place of the quantized ones. An empty tensor under the first quantized
+# layer's `weight` name turns that into its hard size-mismatch error, and its load report lists
+# NOTICE_KEY, which says what to install. diffq itself drops both on load.
+NOTICE_KEY = "diffq_quantized_checkpoint.pip_install_diffq.and_import_diffq_before_from_pretrained"
+
+
+def unloadable_markers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that make a transformers checkpoint of `model` fail to load without diffq."""
+    first = next((n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)), None)
+    if first is None:
+        return {}
+    empty = torch.zeros(0, dtype=torch.int8)
+    return {f"{first}.weight": empty, NOTICE_KEY: empty.clone()}
+
+
+def marker_names(layers) -> set[str]:
+    """Every name `unloadable_markers` may write, for a model with these quantized layers."""
+    return {f"{n}.weight" for n in layers} | {NOTICE_KEY}
+
+
 def _version() -> str:
     from diffq import __version__
 
@@ -162,6 +183,9 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
     convert_empty(model, meta["layers"])
+    for name in marker_names(meta["layers"]):
+        if name in tensors and tensors[name].numel() == 0:
+            del tensors[name]
     for alias, canonical in meta.get("aliases", {}).items():
         if canonical in tensors:
             tensors[alias] = tensors[canonical]

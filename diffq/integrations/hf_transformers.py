@@ -1,13 +1,24 @@
 """diffq's transformers quantization backend: `DiffqTransformersConfig` and `DiffqHfQuantizer`."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from torch import nn
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from diffq.checkpoint import marker_names, unloadable_markers
 from diffq.integrations.hf import QUANT_METHOD, DiffqConfigMixin, finish, prepare
+from diffq.nn.base import QuantizedLayer
+
+
+def _ignore_markers(model: nn.Module) -> None:
+    """With diffq imported, the markers are expected: keep them out of transformers' load report."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+    patterns = {f"^{re.escape(k)}$" for k in marker_names(names)}
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
 
 class DiffqTransformersConfig(DiffqConfigMixin, QuantizationConfigMixin):
@@ -16,7 +27,8 @@ class DiffqTransformersConfig(DiffqConfigMixin, QuantizationConfigMixin):
 
 class DiffqHfQuantizer(HfQuantizer):
     """Quantize weights on load, or load a diffq checkpoint written by save_pretrained. The
-    checkpoint's tensor names are the quantized model's own, so no weight conversion is needed."""
+    checkpoint's tensor names are the quantized model's own, so no weight conversion is needed;
+    save_pretrained adds the markers of `diffq.checkpoint.unloadable_markers`."""
 
     requires_calibration = False
 
@@ -30,12 +42,17 @@ class DiffqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         prepare(model, self.quantization_config, self.pre_quantized,
                 getattr(model, "_keep_in_fp32_modules", None) or ())
+        if self.pre_quantized:
+            _ignore_markers(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         self.quantization_config = finish(model, self.quantization_config, self.pre_quantized)
         model.config.quantization_config = self.quantization_config
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        return {**model.state_dict(), **unloadable_markers(model)}, {}
 
     def is_serializable(self) -> bool:
         return True

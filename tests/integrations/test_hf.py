@@ -156,6 +156,30 @@ def test_without_diffq_imported_the_error_names_diffq(calibrated):
     assert "Unknown quantization type, got diffq" in r.stderr.strip().splitlines()[-1]
 
 
+def test_transformers_checkpoint_without_diffq_fails_and_says_what_to_install(tmp_path):
+    from transformers import CLIPTextModel
+
+    from diffq.checkpoint import NOTICE_KEY
+    from diffq.integrations.hf_transformers import DiffqTransformersConfig
+
+    q = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder",
+                                      quantization_config=DiffqTransformersConfig(weights="int8"))
+    q.save_pretrained(tmp_path / "te")
+    # transformers alone would warn, then run on random weights; the markers make it an error
+    code = ("from transformers import CLIPTextModel\n"
+            f"CLIPTextModel.from_pretrained({str(tmp_path / 'te')!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "ignore_mismatched_sizes" in r.stderr.strip().splitlines()[-1]
+    assert NOTICE_KEY in r.stderr and "pip_install_diffq" in NOTICE_KEY
+    # with diffq imported the markers are expected: nothing unexpected, missing or mismatched
+    again, info = CLIPTextModel.from_pretrained(tmp_path / "te", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"]
+    ids = torch.randint(0, 30, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(again(ids)[0], q(ids)[0])
+
+
 def tiny_sdxl(path: Path) -> Path:
     """A random tiny StableDiffusionXLPipeline (tiny-sd's VAE and tokenizer), saved to `path`."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
