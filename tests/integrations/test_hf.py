@@ -1,5 +1,6 @@
 """diffq as a diffusers / transformers quantization backend, with the real library classes."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,10 +166,12 @@ def test_transformers_checkpoint_without_diffq_fails_and_says_what_to_install(tm
     q = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder",
                                       quantization_config=DiffqTransformersConfig(weights="int8"))
     q.save_pretrained(tmp_path / "te")
-    # transformers alone would warn, then run on random weights; the markers make it an error
+    # transformers alone would warn, then run on random weights; the markers make it an error.
+    # A user's environment: without the *_VERBOSITY=error that an in-process `diffq.cli.main` sets.
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}
     code = ("from transformers import CLIPTextModel\n"
             f"CLIPTextModel.from_pretrained({str(tmp_path / 'te')!r})\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode != 0
     assert "ignore_mismatched_sizes" in r.stderr.strip().splitlines()[-1]
     assert NOTICE_KEY in r.stderr and "pip_install_diffq" in NOTICE_KEY
