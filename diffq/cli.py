@@ -127,7 +127,7 @@ def _add_compare(sp: argparse.ArgumentParser) -> None:
                     help="comma-separated: fp and recipe names/paths "
                          "(default: fp,q8_0,naive-w8a8,w8a8-static,w8a8)")
     sp.add_argument("--calib-prompts", type=Path, help="calibration prompts (default: shapes-calib.txt)")
-    sp.add_argument("--num-prompts", type=int, help="calibration prompts to use (default: 32)")
+    sp.add_argument("--num-prompts", type=int, help="calibration prompts to use (default: 128)")
     sp.set_defaults(func=_run_compare, out=None)
 
 

@@ -33,7 +33,9 @@ DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
 class CompareSettings(EvalSettings):
     schemes: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEMES))
     calib_prompts: Path = SAMPLES_DIR / "prompts" / "shapes-calib.txt"
-    num_prompts: int = 32
+    # as many as `diffq calibrate` uses: with 32, per-timestep-group ranges missed some eval
+    # prompts' activations and a few images left the FP trajectory (samples/divergence.py)
+    num_prompts: int = 128
     out: Path = Path("out/compare")
 
 
