@@ -11,13 +11,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from diffq.checkpoint import marker_names, unloadable_markers
 from diffq.integrations.hf import QUANT_METHOD, DiffqConfigMixin, finish, prepare
-from diffq.nn.base import QuantizedLayer
 
 
-def _ignore_markers(model: nn.Module) -> None:
-    """With diffq imported, the markers are expected: keep them out of transformers' load report."""
-    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
-    patterns = {f"^{re.escape(k)}$" for k in marker_names(names)}
+def _ignore_markers(model: nn.Module, layers: dict) -> None:
+    """With diffq imported, the markers are expected: keep them out of transformers' load report.
+    `layers`: the checkpoint's quantized-layer table, as `prepare` converted them."""
+    patterns = {f"^{re.escape(k)}$" for k in marker_names(layers)}
     model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
 
@@ -43,7 +42,7 @@ class DiffqHfQuantizer(HfQuantizer):
         prepare(model, self.quantization_config, self.pre_quantized,
                 getattr(model, "_keep_in_fp32_modules", None) or ())
         if self.pre_quantized:
-            _ignore_markers(model)
+            _ignore_markers(model, self.quantization_config.layers)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
