@@ -5,7 +5,10 @@ User errors (DiffqError) print one line and exit 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 
 from diffq.errors import DiffqError, InputError
 
@@ -229,16 +232,32 @@ def _version() -> str:
     return __version__
 
 
-def _quiet_libraries() -> None:
-    """The CLI owns its process: keep diffusers/transformers to errors (no import-time notes)."""
-    import os
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Keep diffusers/transformers to errors (no import-time notes) while the CLI runs.
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    Restored afterwards, so a host process that calls main() in-process keeps its own settings.
+    """
+    keys = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+    before = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ.setdefault(k, "error")
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    with _quiet_libraries():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

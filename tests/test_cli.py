@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -23,3 +24,22 @@ def test_user_error_is_one_line_exit_2(capsys, monkeypatch):
     assert cli.main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "diffq bench: error: prompt file p.txt is empty"
+
+
+def test_commands_quiet_the_libraries_only_while_they_run(monkeypatch):
+    """An in-process main() must not leave TRANSFORMERS/DIFFUSERS_VERBOSITY set in its host."""
+    seen = {}
+
+    def record(_args):
+        seen.update({k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")})
+        return 0
+
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["bench"].set_defaults(func=record)
+    assert cli.main(["bench"]) == 0
+    assert seen == {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "info"}
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ
+    assert os.environ["DIFFUSERS_VERBOSITY"] == "info"
