@@ -6,10 +6,12 @@ when one of those layers alone runs with float activations.
     python samples/divergence.py --quantized out/tiny-sd-w8a8 [--num-images 64]
 """
 import argparse
+import sys
 from collections import defaultdict
 
 import torch
 
+from diffq.errors import DiffqError
 from diffq.eval import metrics, shapes
 from diffq.integrations.pipeline import (
     SAMPLES_DIR,
@@ -121,4 +123,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DiffqError as e:  # a missing or foreign --quantized directory: one line, exit 2
+        print(f"divergence.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
