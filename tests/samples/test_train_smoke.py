@@ -6,12 +6,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, out: Path) -> str:
+def _start(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "samples" / script), "--smoke", "--out", str(out)],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "samples" / script), "--smoke", "--out", str(out), *extra],
         check=False, capture_output=True, text=True, env=env, timeout=300,
     )
+
+
+def _run(script: str, out: Path) -> str:
+    proc = _start(script, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -24,7 +28,16 @@ def test_tiny_clip_smoke_training(tmp_path):
 
 
 def test_tiny_sd_smoke_training(tmp_path):
-    _run("train_tiny_sd.py", tmp_path / "sd")
+    stdout = _run("train_tiny_sd.py", tmp_path / "sd")
+    assert "evaluator top-1" in stdout
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (tmp_path / "sd" / sub).is_dir()
     assert (tmp_path / "sd" / "model_index.json").is_file()
+
+
+def test_tiny_sd_stops_after_a_vae_below_the_gate(tmp_path):
+    # Two VAE steps reconstruct nothing: the evaluator cannot be near 0.99 on them.
+    proc = _start("train_tiny_sd.py", tmp_path / "sd", "--vae-gate", "0.99")
+    assert proc.returncode != 0
+    assert "VAE below the gate" in proc.stderr
+    assert not (tmp_path / "sd").exists()
