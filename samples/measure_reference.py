@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
-from tiny_sd_parts import assemble, build_text_encoder, build_unet, build_vae
+from tiny_sd_parts import assemble, build_text_encoder, build_unet, build_vae, eval_set
 
 from diffq.eval.evaluator import TinyClip
 from diffq.eval.grid import image_grid
 from diffq.eval.metrics import caption_retrieval_top1, clip_score, fid
-from diffq.eval.shapes import caption, render, sample_scenes, to_tensor
+from diffq.eval.shapes import render, sample_scenes, to_tensor
 
 HERE = Path(__file__).parent
 
@@ -66,12 +66,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    scenes = sample_scenes("eval", args.n, seed=0)
-    prompts = [caption(s, i) for i, s in enumerate(scenes)]
+    real, prompts = eval_set(args.n)
     listed = (HERE / "prompts" / "shapes-eval.txt").read_text().splitlines()[: args.n]
     if listed != prompts:
         raise RuntimeError("shapes-eval.txt is stale; rerun samples/make_shape_prompts.py")
-    real = to_tensor([render(s) for s in scenes]).float() / 255
     evaluator = TinyClip.from_pretrained(args.evaluator)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -1,7 +1,8 @@
-"""Builders for the tiny Stable Diffusion reference pipeline (architecture only, no training).
+"""Builders for the tiny Stable Diffusion reference pipeline (architecture only, no training),
+and the eval set its numbers are measured on.
 
-Shared by samples/train_tiny_sd.py (which trains them) and samples/measure_reference.py
-(which also needs an untrained pipeline as the FID baseline).
+Shared by samples/train_tiny_sd.py (which trains them and checks its VAE on the eval set) and
+samples/measure_reference.py (which also needs an untrained pipeline as the FID baseline).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from diffq.eval.evaluator import split_words
+from diffq.eval.shapes import caption, render, sample_scenes, to_tensor
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 32  # longest shapes caption is 26 tokens with BOS/EOS
@@ -117,3 +119,10 @@ def save_fp16(pipe: StableDiffusionPipeline, out_dir: str) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["dtype"] = "float32"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def eval_set(n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first n eval scenes: real images (float [0, 1]) and their captions, in the order of
+    samples/prompts/shapes-eval.txt, so every reference number is measured on the same set."""
+    scenes = sample_scenes("eval", n, seed=0)
+    return to_tensor([render(s) for s in scenes]).float() / 255, [caption(s, i) for i, s in enumerate(scenes)]

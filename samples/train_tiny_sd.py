@@ -26,6 +26,7 @@ from tiny_sd_parts import (
     build_tokenizer,
     build_unet,
     build_vae,
+    eval_set,
     save_fp16,
     train_scheduler,
 )
@@ -33,7 +34,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from diffq.eval.evaluator import TinyClip
 from diffq.eval.metrics import caption_retrieval_top1
-from diffq.eval.shapes import N_TEMPLATES, Scene, caption, make_dataset, render, sample_scenes, to_tensor
+from diffq.eval.shapes import N_TEMPLATES, Scene, caption, make_dataset
 
 
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
@@ -79,9 +80,7 @@ def check_vae(vae: AutoencoderKL, evaluator_dir: Path, n: int = 128) -> tuple[fl
     Everything the UNet learns is decoded through this VAE, so its top-1 caps the pipeline's
     caption retrieval (a 1200-step VAE at 0.70 capped a whole run at 0.46).
     """
-    scenes = sample_scenes("eval", n, seed=0)
-    prompts = [caption(s, i % N_TEMPLATES) for i, s in enumerate(scenes)]
-    real = to_tensor([render(s) for s in scenes]).float() / 255
+    real, prompts = eval_set(n)
     recon = (vae.decode(vae.encode(real * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
     top1 = caption_retrieval_top1(TinyClip.from_pretrained(evaluator_dir), recon, prompts)
     return float((recon - real).abs().mean()), top1
