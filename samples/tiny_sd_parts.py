@@ -73,7 +73,10 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet(widths: tuple[int, int, int] = (32, 64, 128), heads: int = 1) -> UNet2DConditionModel:
+UNET_WIDTHS = (32, 64, 128)
+
+
+def build_unet(widths: tuple[int, int, int] = UNET_WIDTHS, heads: int = 1) -> UNet2DConditionModel:
     """Three-level UNet over 16x16 latents, cross-attention at the 16x16 and 8x8 levels.
 
     `heads` is the number of attention heads (diffusers' legacy `attention_head_dim` means that).

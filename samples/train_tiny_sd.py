@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tiny_sd_parts import (
+    UNET_WIDTHS,
     assemble,
     build_text_encoder,
     build_tokenizer,
@@ -192,6 +193,10 @@ def parse_args() -> argparse.Namespace:
         args.warmup = 1
     if args.vae_gate is None:
         args.vae_gate = 0.0 if args.smoke else 0.95
+    if min(args.heads, args.threads, args.vae_threads) < 1:
+        p.error("--heads, --threads and --vae-threads must be at least 1")
+    if any(w % args.heads for w in UNET_WIDTHS):
+        p.error(f"--heads {args.heads} does not divide the UNet widths {UNET_WIDTHS}")
     return args
 
 

@@ -41,3 +41,12 @@ def test_tiny_sd_stops_after_a_vae_below_the_gate(tmp_path):
     assert proc.returncode != 0
     assert "VAE below the gate" in proc.stderr
     assert not (tmp_path / "sd").exists()
+
+
+def test_tiny_sd_rejects_bad_heads_and_threads(tmp_path):
+    for extra in (("--heads", "3"), ("--heads", "0"), ("--vae-threads", "0")):
+        proc = _start("train_tiny_sd.py", tmp_path / "sd", *extra)
+        assert proc.returncode == 2, extra
+        assert proc.stderr.strip().splitlines()[-1].startswith("train_tiny_sd.py: error: --"), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "sd").exists()
