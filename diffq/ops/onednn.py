@@ -4,6 +4,12 @@ Weights are prepacked once (callers cache the packs). oneDNN multiplies u8 x s8,
 symmetric int8 activation codes q become q + 128 with zero point 128: the same grid as the
 reference path. A conv whose input has per-segment scales (cat(h, skip)) runs as one
 convolution per channel segment, summed.
+
+CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply u8 x s8 with vpmaddubsw, which
+saturates each pair of products at int16: full-range codes give wrong sums (up to 1e5 off).
+There every weight is split into two halves whose pair sums cannot saturate, hi = clamp(q, -64,
+63) and lo = q - hi (|lo| <= 64), packed as one weight of twice the output channels; the two
+halves of the output are added. Exact, at twice the multiply work.
 """
 from __future__ import annotations
 
@@ -17,12 +23,54 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
+_SATURATES: list[bool] = []  # the answer, once measured (a fact of this host, never changes)
+
+
+def saturates() -> bool:
+    """Whether this CPU's u8 x s8 int8 GEMM saturates pairs of products (no VNNI): measured
+    once on a worst case (255 x 127 pairs), not guessed from CPU flags."""
+    if not _SATURATES:
+        _SATURATES.append(available() and _measure_saturation())
+    return _SATURATES[0]
+
+
+def _measure_saturation() -> bool:
+    qx = torch.full((1, 64), 255, dtype=torch.uint8)
+    qw = torch.full((8, 64), 127, dtype=torch.int8)
+    y = torch.ops.onednn.qlinear_pointwise(
+        qx, 1.0, 0, torch.ops.onednn.qlinear_prepack(qw, None), torch.ones(8), _zeros(8), None,
+        1.0, 0, torch.float32, "none", [], "")
+    return float(y[0, 0]) != 255.0 * 127 * 64
+
+
+def _split(qweight: Tensor, groups: int = 1) -> Tensor:
+    """Codes as [hi; lo] within each group's output channels on saturating CPUs, else as is."""
+    if not saturates():
+        return qweight
+    hi = qweight.clamp(-64, 63)
+    per_group = lambda t: t.unflatten(0, (groups, -1))  # noqa: E731
+    return torch.cat([per_group(hi), per_group(qweight - hi)], dim=1).flatten(0, 1)
+
+
+def _scales(w_scale: Tensor, groups: int = 1) -> Tensor:
+    """Per-output-channel scales laid out as `_split` lays out the codes."""
+    w_scale = w_scale.float()
+    return w_scale.unflatten(0, (groups, -1)).repeat(1, 2).flatten() if saturates() else w_scale
+
+
+def _join(y: Tensor, dim: int, groups: int = 1) -> Tensor:
+    """The output of a split weight (channels on `dim` >= 0): each group's hi and lo added."""
+    if not saturates():
+        return y
+    return y.unflatten(dim, (groups, 2, -1)).sum(dim + 1).flatten(dim, dim + 1)
+
+
 def can_pack_conv(padding, groups: int, segments: list[int]) -> bool:
     return available() and not isinstance(padding, str) and (groups == 1 or len(segments) == 1)
 
 
 def pack_linear(qweight: Tensor) -> Tensor:
-    return torch.ops.onednn.qlinear_prepack(qweight, None)
+    return torch.ops.onednn.qlinear_prepack(_split(qweight).contiguous(), None)
 
 
 def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments: list[int],
@@ -31,9 +79,9 @@ def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments:
     packs, start = [], 0
     for size, xs in zip(segments, x_scales, strict=True):
         w = qweight if len(segments) == 1 else qweight[:, start:start + size]
-        packs.append(torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale, xs, _U8_ZP,
-                                                    list(stride), list(padding), list(dilation),
-                                                    groups, None))
+        packs.append(torch.ops.onednn.qconv_prepack(
+            _split(w, groups).contiguous(), _scales(w_scale, groups), xs, _U8_ZP, list(stride),
+            list(padding), list(dilation), groups, None))
         start += size
     return packs
 
@@ -47,22 +95,33 @@ def _zeros(n: int) -> Tensor:
 
 
 def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: float) -> Tensor:
-    b = None if bias is None else bias.float()
-    return torch.ops.onednn.qlinear_pointwise(
-        _quantize_u8(x, x_scale), x_scale, _U8_ZP, packed, w_scale.float(), _zeros(len(w_scale)),
+    split = saturates()
+    b = None if bias is None or split else bias.float()
+    scales = _scales(w_scale)
+    y = torch.ops.onednn.qlinear_pointwise(
+        _quantize_u8(x, x_scale), x_scale, _U8_ZP, packed, scales, _zeros(len(scales)),
         b, 1.0, 0, x.dtype, "none", [], "")
+    if not split:
+        return y
+    y = _join(y, y.dim() - 1)
+    return y if bias is None else y.add_(bias.to(y.dtype))
 
 
 def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: list[float],
                   segments: list[int], stride, padding, dilation, groups: int) -> Tensor:
     out, start = None, 0
+    split = saturates()
+    scales = _scales(w_scale, groups)
     for i, (size, xs) in enumerate(zip(segments, x_scales, strict=True)):
         part = x if len(segments) == 1 else x[:, start:start + size]
         qx = _quantize_u8(part, xs).contiguous(memory_format=torch.channels_last)
-        b = None if (bias is None or i > 0) else bias.float()
+        b = None if (bias is None or i > 0 or split) else bias.float()
         y = torch.ops.onednn.qconv2d_pointwise(
-            qx, xs, _U8_ZP, packs[i], w_scale.float(), _zeros(len(w_scale)), b, list(stride),
+            qx, xs, _U8_ZP, packs[i], scales, _zeros(len(scales)), b, list(stride),
             list(padding), list(dilation), groups, 1.0, 0, x.dtype, "none", [], None)
+        y = _join(y, 1, groups)
         out = y if out is None else out.add_(y)
         start += size
+    if split and bias is not None:
+        out = out.add_(bias.to(out.dtype).reshape(1, -1, 1, 1))
     return out

@@ -60,3 +60,29 @@ def test_torch_compile_traces_quantized_modules(gen):
         eager = q(x)
         compiled = torch.compile(q, backend="aot_eager")(x)
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_onednn_exact_on_full_range_codes(gen, monkeypatch, split, groups):
+    """Codes at the ends of the int8 range (pairs of 255 x 127 products overflow int16): the
+    kernel equals the reference with and without the hi/lo weight split, on any CPU. split=False
+    is only meaningful where the CPU does not saturate (VNNI); the split runs everywhere."""
+    if not split and onednn.saturates():
+        pytest.skip("this CPU saturates u8 x s8 pairs without the split (no VNNI)")
+    monkeypatch.setattr(onednn, "saturates", lambda: split)
+    qw = torch.randint(-128, 128, (8, 16 // groups, 3, 3), generator=gen, dtype=torch.int8)
+    qw[:, :, 0, 0] = 127  # the worst case pairs
+    ws = torch.rand(8, generator=gen) * 0.01 + 1e-3
+    x = torch.randn(2, 16, 6, 6, generator=gen) * 4  # beyond the range: codes clamp at the ends
+    b = torch.randn(8, generator=gen)
+    conv = (x, qw, ws, b, [0.02], [16], [1, 1], [1, 1], [1, 1], groups)
+    packs = onednn.pack_conv(qw, ws, [0.02], [16], [1, 1], [1, 1], [1, 1], groups)
+    ref = library.w8a8_conv2d(*conv, [])
+    assert float((library.w8a8_conv2d(*conv, packs) - ref).norm() / ref.norm()) < 1e-5
+    lw = qw.reshape(8, -1)[:, :32].contiguous()
+    xl = x.reshape(2, -1)[:, :32] * 2
+    ref = library.w8a8_linear(xl, lw, ws, b, 0.02)
+    fast = library.w8a8_linear(xl, lw, ws, b, 0.02, onednn.pack_linear(lw))
+    assert float((fast - ref).norm() / ref.norm()) < 1e-5
