@@ -1,7 +1,7 @@
 """An int8 key/value cache for transformers' causal LMs (`Cache` API of transformers >= 5):
-pass `Int8KVCache()` as `past_key_values` to `model(...)` or `model.generate(...)`. Each layer
-keeps int8 codes and per-(batch, head, token) scales (`diffq.nn.kvcache`) and hands attention
-the dequantized keys and values: half the bytes of a bf16 cache (plus 4 / head_dim for scales)."""
+pass `Int8KVCache()` as `cache` to `model(...)` or `model.generate(...)`. Each layer keeps
+int8 codes and per-(batch, head, token) scales (`diffq.nn.kvcache`) and hands attention the
+dequantized keys and values: half the bytes of a bf16 cache (plus 4 / head_dim for scales)."""
 from __future__ import annotations
 
 import torch
@@ -27,8 +27,10 @@ class Int8KVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.qkeys = cat_kv(self.qkeys, quantize_kv(key_states, self.scale_dtype))
         self.qvalues = cat_kv(self.qvalues, quantize_kv(value_states, self.scale_dtype))
-        # attention sees exactly what is stored, prefill included
-        return dequantize_kv(self.qkeys, self.dtype), dequantize_kv(self.qvalues, self.dtype)
+        # attention sees exactly what is stored, prefill included; the incoming dtype, since
+        # transformers >= 5.2x no longer keeps a layer `dtype`
+        dtype = key_states.dtype
+        return dequantize_kv(self.qkeys, dtype), dequantize_kv(self.qvalues, dtype)
 
     def get_seq_length(self) -> int:
         return 0 if self.qkeys is None else self.qkeys.codes.shape[-2]

@@ -17,7 +17,7 @@ from diffq.checkpoint import load, read_meta, save
 from diffq.core.recipe import load_recipe
 from diffq.errors import CheckpointError, InputError
 from diffq.eval import llm as metrics
-from diffq.io import check_at_least, read_text, writing_directory
+from diffq.io import check_at_least, check_output, read_text, writing_directory
 from diffq.nn.convert import linearize_conv1d
 
 MODEL_DIR = "model"  # the diffq checkpoint inside a quantized output directory
@@ -142,8 +142,7 @@ def run_llm_calibrate(s: LLMCalibrateSettings, progress: bool = False) -> dict:
     check_at_least("--batch-size", s.batch_size)
     recipe = load_recipe(s.recipe)
     out = s.out or Path("out") / f"{Path(s.model).name}-{recipe.name}"
-    if out.exists() and not s.overwrite:
-        raise InputError(f"output directory {out} exists; pass --overwrite or choose another")
+    check_output(out, s.overwrite, (s.model, s.dataset))
     model, load_block = _load_for_calibration(s)
     tok = load_tokenizer(s.model)
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
@@ -192,7 +191,8 @@ def _calibrate_md(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_quantized(quantized: Path, model_dir: Path | None = None) -> tuple[nn.Module, Path]:
+def load_quantized(quantized: Path, model_dir: Path | None = None, verify_hashes: bool = True
+                   ) -> tuple[nn.Module, Path]:
     """(quantized model, float model dir) from a `diffq calibrate` output directory."""
     quantized = Path(quantized)
     src = quantized / SOURCE_FILE
@@ -203,7 +203,7 @@ def load_quantized(quantized: Path, model_dir: Path | None = None) -> tuple[nn.M
     read_meta(quantized / MODEL_DIR)
     model = load_model(model_dir)
     linearize_conv1d(model)
-    return load(quantized / MODEL_DIR, model).eval(), model_dir
+    return load(quantized / MODEL_DIR, model, verify_hashes=verify_hashes).eval(), model_dir
 
 
 @dataclass
@@ -219,6 +219,7 @@ class LLMEvalSettings:
     prompts: int = 4  # causal LMs: greedy generations compared with FP
     out: Path | None = None
     overwrite: bool = False
+    no_verify: bool = False
 
 
 def kv_cache_for(model: nn.Module):
@@ -236,7 +237,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, tokens: int, tok) -> torch.Te
     """Exactly `tokens` greedy tokens after prompt [1, T] (with the model's KV cache format)."""
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
                          min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                         past_key_values=kv_cache_for(model))
+                         cache=kv_cache_for(model))
     return out[:, prompt.shape[1]:]
 
 
@@ -298,10 +299,10 @@ def run_llm_eval(s: LLMEvalSettings) -> dict:
     check_at_least("--seq-len", s.seq_len, 2)
     check_at_least("--stride", s.stride)
     check_at_least("--num-samples", s.num_samples)
-    if s.out is not None and s.out.exists() and not s.overwrite:
-        raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
+    if s.out is not None:
+        check_output(s.out, s.overwrite, (s.model, s.quantized, s.dataset))
     text = read_text(s.dataset, "dataset file")
-    q, model_dir = load_quantized(s.quantized, s.model)
+    q, model_dir = load_quantized(s.quantized, s.model, verify_hashes=not s.no_verify)
     fp = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     report = {"model": str(model_dir), "quantized": str(s.quantized), "dataset": str(s.dataset),

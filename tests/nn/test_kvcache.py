@@ -29,10 +29,10 @@ def test_int8_cache_generate_matches_float_greedy():
     with torch.no_grad():
         ref = model.generate(prompt, **kw)[:, 12:]
         cache = Int8KVCache()
-        out = model.generate(prompt, past_key_values=cache, **kw)[:, 12:]
+        out = model.generate(prompt, cache=cache, **kw)[:, 12:]
         # the same cache type through a plain forward: logits close to the float cache's
         c2 = Int8KVCache()
-        a = model(prompt, past_key_values=c2, use_cache=True).logits
+        a = model(prompt, cache=c2, use_cache=True).logits
         b = model(prompt, use_cache=False).logits
     assert len(cache.layers) == 2 and cache.nbytes > 0
     assert cache.layers[0].qkeys.codes.dtype == torch.int8
