@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+# The PyPI name "diffq" is an unrelated project that installs the same import name; the CLI
+# checks this marker to say so in one line when that package has replaced ours.
+__distribution__ = "diffq-toolkit"
 
 from diffq.api import quantize, weight_bytes  # noqa: E402
 from diffq.checkpoint import load, save  # noqa: E402

@@ -16,11 +16,12 @@ from dataclasses import replace
 import torch
 
 from diffq import quantize
+from diffq.assets import shipped
 from diffq.core import sqnr_db
 from diffq.core.recipe import Override, load_recipe
 from diffq.eval.metrics import psnr, psnr_per_image
 from diffq.eval.shapes import to_tensor
-from diffq.integrations.pipeline import SAMPLES_DIR, generate, load_pipeline
+from diffq.integrations.pipeline import generate, load_pipeline
 from diffq.integrations.unet import skip_concat_segments
 from diffq.io import read_prompts
 
@@ -70,9 +71,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.0)
     a = ap.parse_args()
-    pipe = load_pipeline(SAMPLES_DIR / "tiny-sd", progress=False)
-    prompts = read_prompts(SAMPLES_DIR / "prompts" / "shapes-eval.txt")[: a.n]
-    calib = read_prompts(SAMPLES_DIR / "prompts" / "shapes-calib.txt")[: a.calib]
+    pipe = load_pipeline(shipped("tiny-sd"), progress=False)
+    prompts = read_prompts(shipped("prompts") / "shapes-eval.txt")[: a.n]
+    calib = read_prompts(shipped("prompts") / "shapes-calib.txt")[: a.calib]
     seeds = list(range(a.n))
     kw = dict(steps=a.steps, guidance=a.guidance, batch_size=8, progress=False)
     with torch.no_grad():

@@ -11,15 +11,10 @@ from collections import defaultdict
 
 import torch
 
+from diffq.assets import shipped
 from diffq.errors import DiffqError
 from diffq.eval import metrics, shapes
-from diffq.integrations.pipeline import (
-    SAMPLES_DIR,
-    apply_quantized,
-    default_model_dir,
-    generate,
-    load_pipeline,
-)
+from diffq.integrations.pipeline import apply_quantized, generate, load_pipeline
 from diffq.io import read_prompts
 from diffq.nn.base import QuantizedLayer
 
@@ -82,10 +77,10 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--top", type=int, default=10, help="(layer, timestep) pairs to list")
     a = ap.parse_args()
-    prompts = read_prompts(SAMPLES_DIR / "prompts" / "shapes-eval.txt")[: a.num_images]
+    prompts = read_prompts(shipped("prompts") / "shapes-eval.txt")[: a.num_images]
     seeds = list(range(len(prompts)))
-    fp = load_pipeline(default_model_dir(), progress=False)
-    q = load_pipeline(default_model_dir(), progress=False)
+    fp = load_pipeline(shipped("tiny-sd"), progress=False)
+    q = load_pipeline(shipped("tiny-sd"), progress=False)
     apply_quantized(q, a.quantized)
     kw = dict(steps=a.steps, guidance=a.guidance, progress=False)
     per = metrics.psnr_per_image(shapes.to_tensor(generate(q, prompts, seeds, **kw)),

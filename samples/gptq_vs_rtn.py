@@ -17,10 +17,11 @@ from torch import nn
 
 from diffq.algos.gptq import gptq
 from diffq.algos.hessian import hessian_error
+from diffq.assets import shipped
 from diffq.calib.hessian import InputCollector, InputStats, hessian_problem
 from diffq.core.recipe import GPTQOptions, WeightSpec
 from diffq.core.weights import quantize_weight
-from diffq.integrations.pipeline import SAMPLES_DIR, default_model_dir, load_pipeline
+from diffq.integrations.pipeline import load_pipeline
 from diffq.io import read_prompts
 
 
@@ -47,14 +48,14 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
 
-    pipe = load_pipeline(default_model_dir(), progress=False)
+    pipe = load_pipeline(shipped("tiny-sd"), progress=False)
     spec = WeightSpec("int4", "per_group", group_size=a.group_size, clip=a.clip, method="gptq",
                       gptq=GPTQOptions(act_order=a.act_order))
     all_layers = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     layers = {n: m for n, m in all_layers.items()
               if hessian_problem(m) is None and m.weight[0].numel() % a.group_size == 0}
-    calib = read_prompts(SAMPLES_DIR / "prompts" / "shapes-calib.txt")[: a.prompts]
-    held_out = read_prompts(SAMPLES_DIR / "prompts" / "shapes-eval.txt")[: a.prompts]
+    calib = read_prompts(shipped("prompts") / "shapes-calib.txt")[: a.prompts]
+    held_out = read_prompts(shipped("prompts") / "shapes-eval.txt")[: a.prompts]
     h_cal = collect(pipe, layers, calib, 0, a.steps, a.guidance)
     h_eval = collect(pipe, layers, held_out, 1000, a.steps, a.guidance)
     t_collect = time.perf_counter() - t0

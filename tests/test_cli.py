@@ -43,3 +43,14 @@ def test_commands_quiet_the_libraries_only_while_they_run(monkeypatch):
     assert seen == {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "info"}
     assert "TRANSFORMERS_VERBOSITY" not in os.environ
     assert os.environ["DIFFUSERS_VERBOSITY"] == "info"
+
+
+def test_a_foreign_diffq_package_is_named_in_one_line(capsys, monkeypatch):
+    """The PyPI 'diffq' (another project) installs the same import name: say so, exit 2."""
+    import diffq
+
+    monkeypatch.delattr(diffq, "__distribution__")
+    assert cli.main(["calibrate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("diffq: error: 'import diffq' loads")
+    assert "pip install --force-reinstall diffq-toolkit" in err

@@ -131,5 +131,6 @@ def inception_fid(weights_path, real_images: torch.Tensor, fake_images: torch.Te
     except ModuleNotFoundError as e:
         from diffq.errors import InputError
 
-        raise InputError(f"Inception FID needs torch-fidelity: pip install torch-fidelity ({e})") from None
+        raise InputError(f"Inception FID needs torch-fidelity: pip install 'diffq-toolkit[fid]' ({e})"
+                         ) from None
     return _frechet(metric, real_images, fake_images)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from diffq.api import quantize, weight_bytes
+from diffq.assets import shipped
 from diffq.errors import InputError
 from diffq.io import check_at_least
 
@@ -60,9 +61,7 @@ def _unet_and_inputs(s: BenchSettings):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SD15_UNET).eval()
     else:
-        from diffq.integrations.pipeline import default_model_dir
-
-        path = default_model_dir() if s.model == "tiny-sd" else Path(s.model)
+        path = shipped("tiny-sd") if s.model == "tiny-sd" else Path(s.model)
         if not (path / "unet" / "config.json").is_file():
             raise InputError(f"{path} has no unet/ to benchmark")
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet").float().eval()

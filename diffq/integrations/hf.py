@@ -69,7 +69,7 @@ class DiffqConfigMixin:
     def __init__(self, recipe: str | dict | None = None, weights: str | None = None,
                  group_size: int | None = None, modules_to_not_convert: list[str] | None = None,
                  layers: dict | None = None, format_version: int | None = None,
-                 diffq_version: str | None = None, **kwargs: Any):
+                 diffq_version: str | None = None, tensors: dict | None = None, **kwargs: Any):
         from diffq.checkpoint import FORMAT_VERSION, check_format_version
 
         kwargs.pop("quant_method", None)
@@ -84,6 +84,7 @@ class DiffqConfigMixin:
         self.group_size = group_size
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.layers = layers
+        self.tensors = tensors  # digests recorded at save time, checked after loading
         self.format_version = FORMAT_VERSION if format_version is None else format_version
         self.diffq_version = diffq_version
         self.resolved = _recipe_from(recipe, weights, group_size)  # fails early on a bad scheme
@@ -105,7 +106,10 @@ class DiffqConfigMixin:
              "group_size": self.group_size, "modules_to_not_convert": self.modules_to_not_convert}
         if self.layers is not None:
             d["layers"] = self.layers
-            d["note"] = "quantized with diffq: pip install diffq, then import diffq before from_pretrained"
+            if self.tensors is not None:
+                d["tensors"] = self.tensors
+            d["note"] = ("quantized with diffq: pip install diffq-toolkit, then import diffq before "
+                         "from_pretrained")
         return copy.deepcopy(d)
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -118,7 +122,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     from diffq.checkpoint import metadata
 
     meta = metadata(model)
-    return {"recipe": meta["recipe"], "layers": meta["layers"],
+    return {"recipe": meta["recipe"], "layers": meta["layers"], "tensors": meta["tensors"],
             "format_version": meta["format_version"], "diffq_version": __version__}
 
 
@@ -144,6 +148,9 @@ def finish(model: nn.Module, config: DiffqConfigMixin, pre_quantized: bool) -> D
     from diffq.api import attach_clock, quantize
 
     if pre_quantized:
+        from diffq.checkpoint import verify
+
+        verify(model, config.tensors, f"this model's diffq checkpoint ({type(model).__name__})")
         model.diffq_recipe = config.resolved
         attach_clock(model)
     else:

@@ -131,7 +131,7 @@ def test_newer_format_version_is_refused(calibrated, tmp_path):
     cfg = json.loads(path.read_text())
     cfg["quantization_config"]["format_version"] = 99
     path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="newer than this diffq reads.*pip install -U diffq"):
+    with pytest.raises(CheckpointError, match="newer than this diffq reads.*pip install -U diffq-toolkit"):
         UNet2DConditionModel.from_pretrained(tmp_path / "unet")
 
 
@@ -175,7 +175,7 @@ def test_transformers_checkpoint_without_diffq_fails_and_says_what_to_install(tm
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode != 0
     assert "ignore_mismatched_sizes" in r.stderr.strip().splitlines()[-1]
-    assert NOTICE_KEY in r.stderr and "pip_install_diffq" in NOTICE_KEY
+    assert NOTICE_KEY in r.stderr and "pip_install_diffq_toolkit" in NOTICE_KEY
     # with diffq imported the markers are expected: nothing unexpected, missing or mismatched
     again, info = CLIPTextModel.from_pretrained(tmp_path / "te", output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"]
