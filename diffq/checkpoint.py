@@ -1,8 +1,10 @@
 """diffq's checkpoint format: `model.safetensors` (every tensor of the quantized model, codes
 in their real dtypes) plus `diffq.json` (format version, package version, recipe, per-layer
-scheme). Writes are atomic; loading never unpickles."""
+scheme, a SHA-256 of every tensor). Writes are atomic; loading never unpickles, refuses NaN / Inf
+in any float tensor and checks every tensor against its recorded digest."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -29,7 +31,10 @@ HF_TENSOR_FILES = ("diffusion_pytorch_model.safetensors", TENSOR_FILE)
 # random `weight`s in place of the quantized ones. An empty tensor under the first quantized
 # layer's `weight` name turns that into its hard size-mismatch error, and its load report lists
 # NOTICE_KEY, which says what to install. diffq itself drops both on load.
-NOTICE_KEY = "diffq_quantized_checkpoint.pip_install_diffq.and_import_diffq_before_from_pretrained"
+NOTICE_KEY = ("diffq_quantized_checkpoint.pip_install_diffq_toolkit"
+              ".and_import_diffq_before_from_pretrained")
+# written before the distribution was renamed (the PyPI "diffq" is another project)
+_OLD_NOTICE_KEY = "diffq_quantized_checkpoint.pip_install_diffq.and_import_diffq_before_from_pretrained"
 
 
 def unloadable_markers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -43,7 +48,7 @@ def unloadable_markers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def marker_names(layers) -> set[str]:
     """Every name `unloadable_markers` may write, for a model with these quantized layers."""
-    return {f"{n}.weight" for n in layers} | {NOTICE_KEY}
+    return {f"{n}.weight" for n in layers} | {NOTICE_KEY, _OLD_NOTICE_KEY}
 
 
 def _version() -> str:
@@ -75,6 +80,34 @@ def describe_layers(model: nn.Module) -> dict[str, dict]:
     return layers
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """"<dtype>:<sha256 of the bytes>" of one tensor as stored."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{str(t.dtype).removeprefix('torch.')}:{hashlib.sha256(memoryview(data)).hexdigest()}"
+
+
+def tensor_digests(model: nn.Module) -> dict[str, str]:
+    """State-dict name -> `tensor_digest`, recorded at save time and checked at load."""
+    return {n: tensor_digest(t) for n, t in model.state_dict().items() if t.device.type != "meta"}
+
+
+def verify(model: nn.Module, digests: dict[str, str] | None, where: str, hashes: bool = True) -> None:
+    """Refuse a loaded model with NaN / Inf in a float tensor (scales, zero points, float weights)
+    or, with `hashes`, a tensor whose bytes differ from the digest recorded at save time (flipped
+    bytes, swapped tensors). Tensors the loader cast to another dtype keep only the first check."""
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            continue
+        if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
+            raise CheckpointError(f"{where}: tensor {name!r} holds NaN or Inf; the checkpoint is corrupt")
+        recorded = (digests or {}).get(name) if hashes else None
+        if recorded and recorded.split(":")[0] == str(t.dtype).removeprefix("torch.") \
+                and tensor_digest(t) != recorded:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} differs from the digest recorded when it was saved; the "
+                "file is corrupt or was edited (load with verify=False / --no-verify to skip)")
+
+
 def metadata(model: nn.Module, aliases: dict[str, str] | None = None) -> dict:
     """The contents of diffq.json for a quantized model."""
     recipe = getattr(model, "diffq_recipe", None)
@@ -85,6 +118,7 @@ def metadata(model: nn.Module, aliases: dict[str, str] | None = None) -> dict:
         "recipe": None if recipe is None else recipe.to_dict(),
         "layers": describe_layers(model),
         "aliases": aliases or {},
+        "tensors": tensor_digests(model),
     }
 
 
@@ -123,7 +157,7 @@ def check_format_version(version, where: str) -> None:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
             f"{where} has checkpoint format {version!r}, newer than this diffq reads "
-            f"({FORMAT_VERSION}); upgrade diffq (pip install -U diffq)"
+            f"({FORMAT_VERSION}); upgrade diffq (pip install -U diffq-toolkit)"
         )
 
 
@@ -168,8 +202,9 @@ def _plans(model: nn.Module, layers: dict
     return plans, segments, input_scales
 
 
-def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module:
-    """Load a diffq checkpoint into `model`, a float model of the same architecture (in place)."""
+def load(directory: str | Path, model: nn.Module, timestep_of=None, verify_hashes: bool = True) -> nn.Module:
+    """Load a diffq checkpoint into `model`, a float model of the same architecture (in place).
+    `verify_hashes=False` skips the per-tensor digest check (NaN / Inf are refused either way)."""
     from diffq.api import attach_clock
 
     directory = Path(directory)
@@ -205,6 +240,7 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None) -> nn.Module
                 f"{tuple(e.shape)} {e.dtype}"
             )
     model.load_state_dict(tensors, strict=True)
+    verify(model, meta.get("tensors"), str(directory), verify_hashes)
     if meta.get("recipe") is not None:
         model.diffq_recipe = Recipe.from_dict(meta["recipe"])
     attach_clock(model, timestep_of)

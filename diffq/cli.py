@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from diffq.errors import DiffqError, InputError
-
-
-def _not_yet(name: str):
-    def run(_args: argparse.Namespace) -> int:
-        raise InputError(f"'diffq {name}' is not available yet in this version")
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     parsers = {}
     for name, help_ in commands.items():
-        parsers[name] = sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(func=_not_yet(name))
+        parsers[name] = sub.add_parser(name, help=help_, description=help_)
     _add_eval(parsers["eval"])
     _add_calibrate(parsers["calibrate"])
     _add_compare(parsers["compare"])
@@ -42,11 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _option(sp: argparse.ArgumentParser, flag: str, settings, help_: str, **kw) -> None:
+    """An option whose help ends with its default, read from the command's settings dataclass
+    (the one place defaults live); argparse itself keeps None so unset options stay unset."""
+    name = flag.removeprefix("--").replace("-", "_")
+    field = {f.name: f for f in dataclasses.fields(settings)}.get(name)
+    default = None
+    if field is not None:
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    shown = "" if default is None or default is dataclasses.MISSING else f" (default: {default})"
+    sp.add_argument(flag, help=help_ + shown, **kw)
+
+
 def _add_llm(calibrate: argparse.ArgumentParser, eval_: argparse.ArgumentParser) -> None:
     """Options of the transformers (LLM / text encoder) path, chosen by a --model directory with
     a config.json naming `architectures`, or by --dataset."""
-    from pathlib import Path
-
     for sp in (calibrate, eval_):
         sp.add_argument("--dataset", type=Path, help="transformers models: UTF-8 text file")
         sp.add_argument("--seq-len", type=int, help="transformers models: tokens per window (default 128)")
@@ -92,17 +98,17 @@ def _run_llm(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sp: argparse.ArgumentParser) -> None:
-    from pathlib import Path
+    from diffq.integrations.bench import BenchSettings as S
 
-    sp.add_argument("--model", help="pipeline directory, 'tiny-sd' (default) or 'sd15' "
-                    "(SD1.5-architecture UNet with random weights)")
-    sp.add_argument("--recipe", help="default w8a8")
-    sp.add_argument("--batch", type=int, help="UNet batch (default 2: guidance doubles it)")
-    sp.add_argument("--repeats", type=int, help="timed runs per measurement (median; default 5)")
-    sp.add_argument("--warmup", type=int)
-    sp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    sp.add_argument("--layers", type=int, help="per-layer rows: the N largest layers (default 4)")
-    sp.add_argument("--out", type=Path, help="write the result as JSON to this file")
+    _option(sp, "--model", S, "pipeline directory, 'tiny-sd' or 'sd15' (SD1.5-architecture UNet "
+            "with random weights)")
+    _option(sp, "--recipe", S, "built-in recipe name or YAML path")
+    _option(sp, "--batch", S, "UNet batch (guidance doubles the prompts)", type=int)
+    _option(sp, "--repeats", S, "timed runs per measurement (median)", type=int)
+    _option(sp, "--warmup", S, "untimed runs before each measurement", type=int)
+    _option(sp, "--threads", S, "torch threads (unset: torch's choice)", type=int)
+    _option(sp, "--layers", S, "per-layer rows: the N largest layers", type=int)
+    _option(sp, "--out", S, "write the result as JSON to this file", type=Path)
     sp.set_defaults(func=_run_bench)
 
 
@@ -123,15 +129,14 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sp: argparse.ArgumentParser) -> None:
-    from pathlib import Path
+    from diffq.integrations.compare import CompareSettings as S
 
-    _add_eval(sp)
-    sp.add_argument("--schemes", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
-                    help="comma-separated: fp and recipe names/paths "
-                         "(default: fp,q8_0,naive-w8a8,w8a8-static,w8a8)")
-    sp.add_argument("--calib-prompts", type=Path, help="calibration prompts (default: shapes-calib.txt)")
-    sp.add_argument("--num-prompts", type=int, help="calibration prompts to use (default: 128)")
-    sp.set_defaults(func=_run_compare, out=None)
+    _add_eval(sp, S)
+    _option(sp, "--schemes", S, "comma-separated: fp and recipe names/paths",
+            type=lambda v: [x.strip() for x in v.split(",") if x.strip()])
+    _option(sp, "--calib-prompts", S, "calibration prompts", type=Path)
+    _option(sp, "--num-prompts", S, "calibration prompts to use", type=int)
+    sp.set_defaults(func=_run_compare)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -145,22 +150,28 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_calibrate(sp: argparse.ArgumentParser) -> None:
-    from pathlib import Path
+def _add_sampling(sp: argparse.ArgumentParser, S) -> None:
+    """The options every pipeline command shares: model, prompts, sampling, output."""
+    _option(sp, "--model", S, "diffusers pipeline directory", type=Path)
+    _option(sp, "--prompts", S, "UTF-8 prompt file, one prompt per line", type=Path)
+    _option(sp, "--steps", S, "denoising steps", type=int)
+    _option(sp, "--guidance", S, "classifier-free guidance scale", type=float)
+    _option(sp, "--seed", S, "prompt (or image) i samples with seed SEED + i", type=int)
+    _option(sp, "--batch-size", S, "prompts per pipeline call", type=int)
+    _option(sp, "--out", S, "output directory", type=Path)
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output directory that diffq wrote")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    sp.add_argument("--model", type=Path, help="diffusers pipeline directory (default: samples/tiny-sd)")
-    sp.add_argument("--prompts", type=Path,
-                    help="UTF-8 prompt file (default: samples/prompts/shapes-calib.txt)")
-    sp.add_argument("--recipe", help="built-in recipe name or YAML path (default: w8a8)")
-    sp.add_argument("--num-prompts", type=int, help="use the first N prompts (default: 128)")
-    sp.add_argument("--steps", type=int, help="denoising steps per prompt (default: 20)")
-    sp.add_argument("--guidance", type=float)
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--out", type=Path, help="output directory (default: out/tiny-sd-w8a8)")
-    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    sp.add_argument("--resume", action="store_true", help="continue an interrupted calibration")
-    sp.add_argument("--no-progress", action="store_true")
+
+def _add_calibrate(sp: argparse.ArgumentParser) -> None:
+    from diffq.integrations.calibrate import CalibrateSettings as S
+
+    _add_sampling(sp, S)
+    _option(sp, "--recipe", S, "built-in recipe name or YAML path")
+    _option(sp, "--num-prompts", S, "use the first N prompts", type=int)
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted calibration "
+                    "from its cache (.<out>.calib-cache beside the output; saved after each batch)")
     sp.set_defaults(func=_run_calibrate)
 
 
@@ -185,30 +196,28 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     print(f"{r['recipe']}: {len(r['layers'])} layers quantized, {len(r['skipped'])} kept float, "
           f"weight bytes {r['weight_bytes'] / r['weight_bytes_fp']:.3f}x bf16, {r['seconds']} s "
           f"-> {s.out} (report.md)")
+    for component, patterns in r["unmatched_patterns"].items():
+        for pattern in patterns:
+            print(f"note: recipe pattern {pattern!r} matched no layer of the {component}", file=sys.stderr)
+    for w in r["warnings"]:
+        print(f"diffq calibrate: warning: {w}", file=sys.stderr)
     return 0
 
 
-def _add_eval(sp: argparse.ArgumentParser) -> None:
-    from pathlib import Path
-
-    sp.add_argument("--model", type=Path, help="diffusers pipeline directory (default: samples/tiny-sd)")
-    sp.add_argument("--quantized", type=Path, help="quantized directory (diffq calibrate / diffq.save); "
-                    "omitted: the FP pipeline against itself")
-    sp.add_argument("--prompts", type=Path, help="UTF-8 prompt file, one per line "
-                    "(default: samples/prompts/shapes-eval.txt)")
-    sp.add_argument("--num-images", type=int, help="default 64")
-    sp.add_argument("--steps", type=int, help="default 20")
-    sp.add_argument("--guidance", type=float, help="default 5.0")
-    sp.add_argument("--seed", type=int, help="image i uses seed SEED + i (default 0)")
-    sp.add_argument("--batch-size", type=int, help="default 16")
-    sp.add_argument("--out", type=Path, help="output directory (default: out/eval, out/compare)")
-    sp.add_argument("--overwrite", action="store_true")
-    sp.add_argument("--evaluator", type=Path, help="shapes-domain evaluator (default: samples/tiny-clip)")
+def _add_eval(sp: argparse.ArgumentParser, S=None) -> None:
+    if S is None:
+        from diffq.integrations.evaluate import EvalSettings as S
+        sp.set_defaults(func=_run_eval)
+    _add_sampling(sp, S)
+    sp.add_argument("--quantized", type=Path, help="quantized directory (diffq calibrate / "
+                    "diffq.save); omitted: the FP pipeline against itself")
+    _option(sp, "--num-images", S, "images (prompts cycle when fewer)", type=int)
+    sp.add_argument("--no-verify", action="store_true", help="skip the check of every quantized "
+                    "tensor against the digest recorded at save time (faster on large models)")
+    _option(sp, "--evaluator", S, "shapes-domain evaluator", type=Path)
     sp.add_argument("--real-images", type=Path, help="directory of reference images for FID")
     sp.add_argument("--clip-model", type=Path, help="local transformers CLIP directory (real models)")
     sp.add_argument("--inception-weights", type=Path, help="local Inception FID weights (real models)")
-    sp.add_argument("--no-progress", action="store_true")
-    sp.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -257,7 +266,23 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
 
 
+def foreign_diffq() -> str | None:
+    """One line when `import diffq` finds a package other than diffq-toolkit, else None."""
+    import diffq
+
+    if getattr(diffq, "__distribution__", None) == "diffq-toolkit":
+        return None
+    where = getattr(diffq, "__file__", None) or "an unknown location"
+    return (f"'import diffq' loads a package that is not diffq-toolkit ({where}); the PyPI package "
+            "'diffq' is another project with the same import name: pip uninstall -y diffq && "
+            "pip install --force-reinstall diffq-toolkit")
+
+
 def _run(argv: list[str] | None) -> int:
+    foreign = foreign_diffq()
+    if foreign is not None:
+        print(f"diffq: error: {foreign}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -270,7 +295,18 @@ def _run(argv: list[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"diffq {args.command}: interrupted; no partial output was published", file=sys.stderr)
+        hint = _resume_hint(args)
+        if hint:
+            print(f"diffq {args.command}: {hint}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str | None:
+    if args.command != "calibrate" or _llm_args(args):
+        return None
+    from diffq.integrations.calibrate import CalibrateSettings, resume_hint
+
+    return resume_hint(args.out or CalibrateSettings().out)
 
 
 if __name__ == "__main__":

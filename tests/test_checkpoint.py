@@ -96,7 +96,7 @@ def test_wrong_model(saved):
 
 def test_save_refuses_existing_and_unquantized(saved, tmp_path):
     m, path = saved
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
         diffq.save(m, path)
     diffq.save(m, path, overwrite=True)
     with pytest.raises(CheckpointError, match="no quantized layers"):
@@ -125,3 +125,63 @@ def test_static_activation_tables_survive(tmp_path):
     x, t = toy_calibration(1, seed=3)[0]
     with torch.no_grad():
         assert torch.equal(m(x, t * 0.3), m2(x, t * 0.3))
+
+
+def _edit_tensors(path, edit):
+    """Rewrite model.safetensors with `edit(tensors)` applied, keeping its header metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    file = path / checkpoint.TENSOR_FILE
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file), metadata=meta)
+
+
+def _first(tensors, suffix):
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("case", ["flipped int bytes", "swapped tensors", "flipped float weight"])
+def test_tampered_tensors_are_refused_by_name(saved, case):
+    m, path = saved
+
+    def edit(t):
+        if case == "flipped int bytes":
+            k = _first(t, "qweight")
+            t[k].view(-1)[:7] ^= 0x5A
+        elif case == "swapped tensors":
+            same = [k for k in sorted(t) if k.endswith("weight_scale")]
+            a, b = next((a, b) for a in same for b in same
+                        if a < b and t[a].shape == t[b].shape and not torch.equal(t[a], t[b]))
+            t[a], t[b] = t[b].clone(), t[a].clone()
+        else:
+            k = _first(t, "conv_in.weight")
+            t[k].view(-1)[0] += 1e-3
+
+    _edit_tensors(path, edit)
+    with pytest.raises(CheckpointError, match=r"tensor '.+' differs from the digest recorded"):
+        diffq.load(path, ToyUNet())
+    diffq.load(path, ToyUNet(), verify_hashes=False)  # the documented escape hatch
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_scales_are_refused_even_without_hashes(saved, bad):
+    m, path = saved
+
+    def edit(t):
+        t[_first(t, "weight_scale")].view(-1)[3] = bad
+
+    _edit_tensors(path, edit)
+    for hashes in (True, False):
+        with pytest.raises(CheckpointError, match=r"weight_scale' holds NaN or Inf"):
+            diffq.load(path, ToyUNet(), verify_hashes=hashes)
+
+
+def test_digest_of_every_saved_tensor_is_recorded(saved):
+    m, path = saved
+    meta = json.loads((path / checkpoint.META_FILE).read_text())
+    assert set(meta["tensors"]) == set(m.state_dict())
+    assert all(v.split(":")[1].isalnum() and len(v.split(":")[1]) == 64 for v in meta["tensors"].values())

@@ -306,8 +306,10 @@ def _parse_yaml(text: str, origin: str) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "syntax error"
-        raise RecipeError(f"{origin}: not valid YAML ({first})") from None
+        first = str(getattr(e, "problem", None) or str(e).splitlines()[0] or "syntax error")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{origin}: not valid YAML{where} ({first})") from None
     if data is None:
         raise RecipeError(f"{origin}: the recipe is empty")
     if not isinstance(data, dict):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffq.eval.grid import image_grid
+from diffq.eval.grid import difference, image_grid
+from diffq.eval.metrics import psnr_per_image
+from diffq.eval.shapes import to_tensor
 
 
 def _fmt(v) -> str:
@@ -24,13 +26,24 @@ def _json_safe(v):
     return v
 
 
+def eval_grid(fp_images: list[Image.Image], q_images: list[Image.Image], scheme: str,
+              prompts: list[str], max_cols: int = 8) -> Image.Image:
+    """FP, quantized and their amplified difference for the worst images by PSNR, then the first
+    ones; each column captioned with its index, PSNR and prompt."""
+    per_image = psnr_per_image(to_tensor(q_images), to_tensor(fp_images))
+    worst = per_image.argsort()[: max_cols // 2].tolist()
+    cols = (worst + [i for i in range(len(fp_images)) if i not in worst])[:max_cols]
+    captions = [f"#{i} {per_image[i]:.1f} dB: {prompts[i]}" for i in cols]
+    rows = [[fp_images[i] for i in cols], [q_images[i] for i in cols],
+            [difference(fp_images[i], q_images[i]) for i in cols]]
+    return image_grid(rows, ["FP", scheme, "|FP - quantized| x4"], scale=2, captions=captions)
+
+
 def write_eval_report(out: Path, report: dict, fp_images: list[Image.Image],
-                      q_images: list[Image.Image], max_cols: int = 8) -> None:
-    """report.json (machine), report.md (people) and grid.png (row 1: FP, row 2: quantized)."""
+                      q_images: list[Image.Image], prompts: list[str], max_cols: int = 8) -> None:
+    """report.json (machine), report.md (people) and grid.png (`eval_grid`)."""
     (out / "report.json").write_text(json.dumps(_json_safe(report), indent=1), encoding="utf-8")
-    n = min(max_cols, len(fp_images))
-    grid = image_grid([fp_images[:n], q_images[:n]], ["FP", report["scheme"]])
-    grid.save(out / "grid.png")
+    eval_grid(fp_images, q_images, report["scheme"], prompts, max_cols).save(out / "grid.png")
     m = report["metrics"]
     lines = [
         f"# diffq eval: {report['scheme']}",
@@ -50,7 +63,8 @@ def write_eval_report(out: Path, report: dict, fp_images: list[Image.Image],
         f"{_fmt(m['psnr_db_min'])} |",
         f"| paired SSIM vs FP | - | {_fmt(m['ssim'])} |",
         "",
-        "![FP (top) vs quantized (bottom), same prompts and seeds](grid.png)",
+        "![FP, quantized and their difference x4, same prompts and seeds: the worst images by "
+        "PSNR first](grid.png)",
         "",
     ]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,19 +16,29 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffq.api import MixedResult, collect_stats, plan_mixed, quantize, static_layers, weight_bytes
+from diffq.assets import shipped
 from diffq.calib.collector import LayerStats
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
+from diffq.eval.plots import activation_range_plot, draw_optional, mixed_precision_plots
 from diffq.integrations.pipeline import (
-    SAMPLES_DIR,
+    calibration_pass,
     check_pipeline_dir,
-    default_model_dir,
     load_pipeline,
+    sample_latents,
     save_quantized_pipeline,
     unet_calls,
 )
 from diffq.integrations.unet import check_groups, skip_concat_segments
-from diffq.io import check_at_least, read_prompts, writing_directory
+from diffq.io import (
+    check_at_least,
+    check_finite,
+    check_output,
+    read_prompts,
+    write_json,
+    write_text,
+    writing_directory,
+)
 from diffq.mixed.sensitivity import SensitivityTable, spearman
 from diffq.nn.convert import plan_layers
 from diffq.nn.prepare import input_needs
@@ -35,8 +46,8 @@ from diffq.nn.prepare import input_needs
 
 @dataclass
 class CalibrateSettings:
-    model: Path = default_model_dir()
-    prompts: Path = SAMPLES_DIR / "prompts" / "shapes-calib.txt"
+    model: Path = field(default_factory=lambda: shipped("tiny-sd"))
+    prompts: Path = field(default_factory=lambda: shipped("prompts") / "shapes-calib.txt")
     recipe: str = "w8a8"
     num_prompts: int = 128
     steps: int = 20
@@ -117,8 +128,8 @@ def _check(s: CalibrateSettings) -> list[str]:
     check_at_least("--steps", s.steps)
     check_at_least("--num-prompts", s.num_prompts)
     check_at_least("--batch-size", s.batch_size)
-    if s.out.exists() and not s.overwrite:
-        raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
+    check_finite("--guidance", s.guidance)
+    check_output(s.out, s.overwrite, (s.model, s.prompts))
     check_pipeline_dir(s.model)
     return read_prompts(s.prompts)[: s.num_prompts]
 
@@ -170,47 +181,53 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
                    for n, v in m.diffq_report.quantized.items()},
         "skipped": {f"{c}.{n}" if c != "unet" else n: v for c, m in comps.items()
                     for n, v in m.diffq_report.skipped.items()},
+        "unmatched_patterns": {c: m.diffq_report.unmatched_patterns for c, m in comps.items()
+                               if m.diffq_report.unmatched_patterns},
     }
     if mixed is not None:
         report["mixed"] = mixed_summary(mixed)
     if not state.is_main_process:  # every process quantized the same merged statistics
         return {**report, "seconds": round(time.perf_counter() - t0, 1), "written": False}
-    with writing_directory(s.out, s.overwrite) as tmp:
+    with writing_directory(s.out, s.overwrite) as tmp:  # the finished work, published first
         save_quantized_pipeline(s.model, comps, tmp)
         if mixed is not None:
             (tmp / "sensitivity.json").write_text(mixed.table.to_json())
-            from diffq.eval.plots import mixed_precision_plots
-
-            report["mixed"]["figures"] = mixed_precision_plots(mixed.table, mixed.allocation.bits, tmp)
         (tmp / "pipeline.json").write_text(json.dumps({"base_model": str(Path(s.model).resolve()),
                                                        "components": list(comps)}, indent=1))
-        plotted = []
         if stats:
             save_stats(stats, tmp / "stats.safetensors", asdict_str(s))
-            b = next((q.input_quant.boundaries for q in unet.modules()
-                      if getattr(q, "input_quant", None) is not None
-                      and hasattr(q.input_quant, "boundaries")), None)
-            from diffq.eval.plots import activation_range_plot
-
-            plotted = activation_range_plot(stats, b, tmp / "activation_ranges.png")
         report["seconds"] = round(time.perf_counter() - t0, 1)
-        report["plotted_layers"] = plotted
-        _write_report(tmp, report)
+        write_json(tmp / "report.json", report)
     cache = _cache_dir(s.out)
     if cache.exists():
         shutil.rmtree(cache, ignore_errors=True)
+    report.update(_figures(s.out, stats, mixed, unet))
+    _write_report(s.out, report)
     return report
+
+
+def _figures(out: Path, stats: dict | None, mixed: MixedResult | None, unet) -> dict:
+    """Draw the report's figures into the published `out`; a figure that cannot be made is a
+    warning, never a lost model."""
+    warnings, plotted = [], []
+    if stats:
+        b = next((q.input_quant.boundaries for q in unet.modules()
+                  if getattr(q, "input_quant", None) is not None
+                  and hasattr(q.input_quant, "boundaries")), None)
+        plotted, w = draw_optional("activation_ranges.png", lambda: activation_range_plot(
+            stats, b, out / "activation_ranges.png"))
+        warnings += [w] if w else []
+    figures = []
+    if mixed is not None:
+        figures, w = draw_optional("mixed-precision figures", lambda: mixed_precision_plots(
+            mixed.table, mixed.allocation.bits, out))
+        warnings += [w] if w else []
+    return {"plotted_layers": plotted, "mixed_figures": figures, "warnings": warnings}
 
 
 def _sampling_pass(s: CalibrateSettings, pipe, prompts: list[str], progress: bool):
     """A callable that samples every prompt once (batched, same seeds as the statistics pass)."""
-    def drive():
-        for i in tqdm(range(0, len(prompts), s.batch_size), desc="layer inputs", disable=not progress):
-            batch = prompts[i:i + s.batch_size]
-            gens = [torch.Generator().manual_seed(s.seed + i + k) for k in range(len(batch))]
-            pipe(batch, num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens,
-                 output_type="latent")
-    return drive
+    return calibration_pass(pipe, prompts, s.seed, s.steps, s.guidance, s.batch_size, progress)
 
 
 def _plan_mixed(s: CalibrateSettings, pipe, prompts: list[str], recipe, progress: bool) -> MixedResult:
@@ -258,43 +275,66 @@ def asdict_str(s: CalibrateSettings) -> dict:
     return {k: str(v) for k, v in asdict(s).items() if k not in ("overwrite", "resume", "out")}
 
 
+def resume_hint(out: Path) -> str | None:
+    """What an interrupted run left to continue from, for the interrupt message."""
+    progress = _cache_dir(out) / "progress.json"
+    if not progress.is_file():
+        return None
+    done = json.loads(progress.read_text())["done"]
+    return (f"{done} finished prompts are cached in {progress.parent}: rerun the same command "
+            "with --resume to continue from there")
+
+
+def _settings_diff(cached: dict, now: dict) -> str:
+    return ", ".join(f"{k} {cached.get(k)!r} -> {now.get(k)!r}"
+                     for k in sorted(set(cached) | set(now)) if cached.get(k) != now.get(k))
+
+
 def _collect(s, pipe, prompts, layers, recipe_name, progress, procs: Processes = Processes()) -> dict:
     """Collect in prompt batches; after each batch the statistics so far are cached next to the
-    output, so an interrupted run continues with --resume. With several processes each takes
-    every count-th batch (same seeds as one process would use) and nothing is cached."""
+    output, so an interrupted run continues with --resume (a plain rerun says what it discards).
+    With several processes each takes every count-th batch (same seeds as one process would
+    use) and nothing is cached. The bar moves every denoising step."""
     cache = _cache_dir(s.out)
     meta = {**asdict_str(s), "recipe": recipe_name}
     stats, done = None, 0
-    if s.resume and (cache / "progress.json").is_file():
+    if (cache / "progress.json").is_file():
         info = json.loads((cache / "progress.json").read_text())
-        if info["meta"] != meta:
-            raise InputError(f"--resume: the cached run in {cache} used other settings; "
-                             "run without --resume to start over")
-        stats, done = load_stats(cache / "stats.safetensors"), info["done"]
+        if not s.resume:
+            print(f"diffq calibrate: note: discarding {info['done']} finished prompts cached in {cache} "
+                  "by an interrupted run (pass --resume to continue it instead)", file=sys.stderr)
+        elif info["meta"] != meta:
+            raise InputError(f"--resume: the cached run in {cache} used other settings "
+                             f"({_settings_diff(info['meta'], meta)}); run without --resume to "
+                             "start over")
+        else:
+            stats, done = load_stats(cache / "stats.safetensors"), info["done"]
     if procs.count == 1:
         cache.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(prompts), initial=done, desc="calibrating", disable=not progress)
+    bar = tqdm(total=len(prompts) * s.steps, initial=done * s.steps, desc="calibrating",
+               unit="step", disable=not progress)
     for i in range(done, len(prompts), s.batch_size):
         batch = prompts[i:i + s.batch_size]
         if (i // s.batch_size) % procs.count != procs.index:
             continue
-        gens = [torch.Generator().manual_seed(s.seed + i + k) for k in range(len(batch))]
 
-        def drive(batch=batch, gens=gens):
-            pipe(batch, num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens,
-                 output_type="latent")
+        def step_done(_pipe, _i, _t, kwargs, batch=batch):
+            bar.update(len(batch))
+            return kwargs
+
+        def drive(batch=batch, i=i, step_done=step_done):
+            sample_latents(pipe, batch, s.seed + i, s.steps, s.guidance, step_done)
 
         stats = _merge(stats, collect_stats(pipe.unet, layers, drive))
         if procs.count == 1:
             save_stats(stats, cache / "stats.safetensors", meta)
-            (cache / "progress.json").write_text(json.dumps({"meta": meta, "done": i + len(batch)}))
-        bar.update(len(batch))
+            write_json(cache / "progress.json", {"meta": meta, "done": i + len(batch)})
     bar.close()
     return stats if procs.count == 1 else gather_stats(stats, procs)
 
 
 def _write_report(out: Path, r: dict) -> None:
-    (out / "report.json").write_text(json.dumps(r, indent=1), encoding="utf-8")
+    write_json(out / "report.json", r)
     lines = [
         f"# diffq calibrate: {r['recipe']}",
         "",
@@ -305,6 +345,7 @@ def _write_report(out: Path, r: dict) -> None:
         f"({r['weight_bytes'] / r['weight_bytes_fp']:.3f}x).",
         "",
     ]
+    lines += [f"> warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
     if r["plotted_layers"]:
         lines += ["![activation range over timesteps](activation_ranges.png)", ""]
     if "mixed" in r:
@@ -321,8 +362,8 @@ def _write_report(out: Path, r: dict) -> None:
             f"correlation at the lowest width: {rho}.",
             "",
         ]
-        lines += [f"![{f}]({f})" for f in m.get("figures", [])] + [""]
+        lines += [f"![{f}]({f})" for f in r["mixed_figures"]] + [""]
     lines += ["| layer | scheme |", "|---|---|"]
     lines += [f"| `{n}` | {v} |" for n, v in r["layers"].items()]
     lines += [f"| `{n}` | float ({why}) |" for n, why in r["skipped"].items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out / "report.md", "\n".join(lines) + "\n")

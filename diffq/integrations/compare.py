@@ -12,15 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from diffq.api import collect_stats, plan_mixed, quantize, static_layers, weight_bytes
+from diffq.assets import shipped
 from diffq.calib.collector import unsplit
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.eval.grid import image_grid
 from diffq.integrations.evaluate import EvalSettings, check_settings, real_images, score, scorers
-from diffq.integrations.pipeline import SAMPLES_DIR, generate, load_pipeline, unet_calls
+from diffq.integrations.pipeline import calibration_pass, generate, load_pipeline, unet_calls
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import check_at_least, read_prompts, writing_directory
 from diffq.nn.convert import plan_layers
@@ -32,7 +31,7 @@ DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
 @dataclass
 class CompareSettings(EvalSettings):
     schemes: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEMES))
-    calib_prompts: Path = SAMPLES_DIR / "prompts" / "shapes-calib.txt"
+    calib_prompts: Path = field(default_factory=lambda: shipped("prompts") / "shapes-calib.txt")
     # as many as `diffq calibrate` uses: with 32, per-timestep-group ranges missed some eval
     # prompts' activations and a few images left the FP trajectory (samples/divergence.py)
     num_prompts: int = 128
@@ -53,19 +52,13 @@ def _shared_stats(pipe, recipes, s: CompareSettings, progress: bool):
 
 
 def _calibration_pass(pipe, s: CompareSettings):
-    """A callable sampling the calibration prompts with whatever UNet `pipe` holds."""
+    """A callable sampling the calibration prompts with whatever UNet `pipe` holds, with the
+    seeds `diffq calibrate --seed SEED` uses, so its statistics are the same."""
     prompts = read_prompts(s.calib_prompts)[: s.num_prompts]
-
-    def drive():
-        for i in range(0, len(prompts), s.batch_size):
-            batch = prompts[i:i + s.batch_size]
-            gens = [torch.Generator().manual_seed(s.seed + 10_000 + i + k) for k in range(len(batch))]
-            pipe(batch, num_inference_steps=s.steps, guidance_scale=s.guidance, generator=gens,
-                 output_type="latent")
-    return drive
+    return calibration_pass(pipe, prompts, s.seed, s.steps, s.guidance, s.batch_size)
 
 
-def _stats_for(recipe, unet, stats, segments):
+def _stats_for(recipe, unet, stats):
     plans, _ = plan_layers(unet, recipe)
     split = {n for n, p in plans.items() if p.activations is not None and p.activations.split_skip}
     return {n: (st if n in split else unsplit(st)) for n, st in stats.items() if n in plans}
@@ -100,19 +93,21 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
             recipe = recipes[name]
             if recipe.mixed is not None:  # sensitivity on the calibration prompts, as calibrate does
                 calls = unet_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
-                                   s.guidance, s.seed + 10_000, recipe.mixed.timesteps)
+                                   s.guidance, s.seed, recipe.mixed.timesteps)
                 recipe = plan_mixed(unet, recipe, calls, progress=progress).recipe
             plans, _ = plan_layers(unet, recipe)
             pipe.unet = unet  # GPTQ / AWQ read this UNet's layer inputs while the pipeline samples
-            drive = (_calibration_pass(pipe, s)
-                     if any(input_needs(unet.get_submodule(n), p) for n, p in plans.items()) else None)
-            quantize(unet, recipe, segments=segments, stats=_stats_for(recipe, unet, stats, segments),
-                     calibration=drive)
-            t0 = time.perf_counter()
-            imgs = generate(pipe, prompts, seeds, desc=name, **kw)
-            secs = (time.perf_counter() - t0) / len(prompts)
-            wbytes = weight_bytes(unet)
-            pipe.unet = fp_unet
+            try:
+                drive = (_calibration_pass(pipe, s) if any(
+                    input_needs(unet.get_submodule(n), p) for n, p in plans.items()) else None)
+                quantize(unet, recipe, segments=segments, stats=_stats_for(recipe, unet, stats),
+                         calibration=drive)
+                t0 = time.perf_counter()
+                imgs = generate(pipe, prompts, seeds, desc=name, **kw)
+                secs = (time.perf_counter() - t0) / len(prompts)
+                wbytes = weight_bytes(unet)
+            finally:
+                pipe.unet = fp_unet
         m = score(fp_imgs, imgs, prompts, clip_fn, fid_fn, real)
         rows.append({"scheme": name, **m, "weight_bytes": wbytes,
                      "weight_ratio_bf16": wbytes / fp_bytes, "seconds_per_image": secs})
@@ -124,7 +119,7 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
         safe = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()}
                 for r in rows]
         (tmp / "compare.json").write_text(json.dumps({**meta, "rows": safe}, indent=1))
-        image_grid(grid_rows, s.schemes, scale=2).save(tmp / "grid.png")
+        image_grid(grid_rows, s.schemes, scale=2, captions=prompts[:8]).save(tmp / "grid.png")
         (tmp / "compare.md").write_text(format_table(rows, meta) + "\n![same prompts and seeds, "
                                         "one row per scheme](grid.png)\n")
     return rows

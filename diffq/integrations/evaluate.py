@@ -2,34 +2,40 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from diffq.api import weight_bytes
+from diffq.assets import shipped
 from diffq.checkpoint import read_meta
 from diffq.errors import InputError
 from diffq.eval import metrics, shapes
 from diffq.eval.report import write_eval_report
 from diffq.integrations.pipeline import (
-    SAMPLES_DIR,
     apply_quantized,
     check_pipeline_dir,
-    default_model_dir,
     denoiser_name,
     generate,
     load_pipeline,
     quantized_components,
 )
-from diffq.io import check_at_least, read_prompts, writing_directory
+from diffq.io import (
+    check_at_least,
+    check_finite,
+    check_output,
+    read_prompts,
+    require_module,
+    writing_directory,
+)
 
 
 @dataclass
 class EvalSettings:
-    model: Path = default_model_dir()
+    model: Path = field(default_factory=lambda: shipped("tiny-sd"))
     quantized: Path | None = None
-    prompts: Path = SAMPLES_DIR / "prompts" / "shapes-eval.txt"
+    prompts: Path = field(default_factory=lambda: shipped("prompts") / "shapes-eval.txt")
     num_images: int = 64
     steps: int = 20
     guidance: float = 5.0
@@ -37,10 +43,11 @@ class EvalSettings:
     batch_size: int = 16
     out: Path = Path("out/eval")
     overwrite: bool = False
-    evaluator: Path = SAMPLES_DIR / "tiny-clip"
+    evaluator: Path = field(default_factory=lambda: shipped("tiny-clip"))
     real_images: Path | None = None
     clip_model: Path | None = None
     inception_weights: Path | None = None
+    no_verify: bool = False  # skip the per-tensor digest check of the quantized checkpoint
 
 
 def check_settings(s) -> list[str]:
@@ -48,8 +55,10 @@ def check_settings(s) -> list[str]:
     check_at_least("--num-images", s.num_images)
     check_at_least("--steps", s.steps)
     check_at_least("--batch-size", s.batch_size)
-    if s.out.exists() and not s.overwrite:
-        raise InputError(f"output directory {s.out} exists; pass --overwrite or choose another")
+    check_finite("--guidance", s.guidance)
+    check_output(s.out, s.overwrite, (s.model, getattr(s, "quantized", None), s.prompts,
+                                      getattr(s, "calib_prompts", None), s.evaluator, s.real_images,
+                                      s.clip_model, s.inception_weights))
     for opt, p in (("--evaluator", s.evaluator), ("--clip-model", s.clip_model),
                    ("--real-images", s.real_images)):
         if p is not None and not Path(p).is_dir():
@@ -62,6 +71,8 @@ def check_settings(s) -> list[str]:
         raise InputError("real-model evaluation needs both --clip-model and --inception-weights")
     if s.inception_weights is not None and not Path(s.inception_weights).is_file():
         raise InputError(f"--inception-weights file {s.inception_weights} does not exist")
+    if s.inception_weights is not None:
+        require_module("torch_fidelity", "Inception FID (--inception-weights)", "fid")
     prompts = read_prompts(s.prompts)
     return [prompts[i % len(prompts)] for i in range(s.num_images)]
 
@@ -111,7 +122,7 @@ def run_eval(s: EvalSettings, progress: bool = True) -> dict:
     qp = load_pipeline(s.model, progress=progress)
     scheme, comps = "fp", [denoiser_name(fp)]
     if s.quantized is not None:
-        comps = apply_quantized(qp, s.quantized)
+        comps = apply_quantized(qp, s.quantized, verify_hashes=not s.no_verify)
         recipe = read_meta(quantized_components(s.quantized)[comps[0]]).get("recipe") or {}
         scheme = recipe.get("name", "quantized")
     clip_fn, fid_fn, features = scorers(s)
@@ -134,5 +145,5 @@ def run_eval(s: EvalSettings, progress: bool = True) -> dict:
                     "clip_score_fp": clip_fn(a, prompts), "fid_fp": fid_fn(real, a)},
     }
     with writing_directory(s.out, s.overwrite) as tmp:
-        write_eval_report(tmp, report, fp_imgs, q_imgs)
+        write_eval_report(tmp, report, fp_imgs, q_imgs, prompts)
     return report

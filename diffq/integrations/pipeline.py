@@ -9,22 +9,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffq.assets import check_exists
 from diffq.checkpoint import META_FILE, load
 from diffq.errors import CheckpointError, InputError
 
 QUANTIZABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
-SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"  # shipped models and prompts
-
-
-def default_model_dir() -> Path:
-    """The embedded reference pipeline shipped in the source tree (samples/tiny-sd)."""
-    return SAMPLES_DIR / "tiny-sd"
-
-
 def check_pipeline_dir(path: str | Path) -> Path:
-    path = Path(path)
+    path = check_exists(Path(path), "model directory")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file, not a diffusers pipeline directory")
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     return path
@@ -59,6 +54,9 @@ def denoiser_name(pipe) -> str:
 def quantized_components(qdir: str | Path) -> dict[str, Path]:
     """Component name -> diffq checkpoint directory inside a quantized-pipeline directory."""
     qdir = Path(qdir)
+    if qdir.is_file():
+        raise CheckpointError(f"--quantized {qdir} is a file, not a quantized directory (the output "
+                              "folder of diffq calibrate or diffq.save)")
     if not qdir.is_dir():
         raise CheckpointError(f"quantized directory {qdir} does not exist")
     found = {c: qdir / c for c in QUANTIZABLE_COMPONENTS if (qdir / c / META_FILE).is_file()}
@@ -86,14 +84,14 @@ def save_quantized_pipeline(source: str | Path, components: dict, out: Path) -> 
         (out / name / META_FILE).write_text(json.dumps(metadata(module), indent=1), encoding="utf-8")
 
 
-def apply_quantized(pipe, qdir: str | Path) -> list[str]:
+def apply_quantized(pipe, qdir: str | Path, verify_hashes: bool = True) -> list[str]:
     """Load every quantized component of `qdir` into the float pipeline `pipe` (in place)."""
     comps = quantized_components(qdir)
     for name, path in comps.items():
         module = getattr(pipe, name, None)
         if module is None:
             raise CheckpointError(f"{qdir} quantizes component {name!r}, which the pipeline lacks")
-        load(path, module)
+        load(path, module, verify_hashes=verify_hashes)
     return list(comps)
 
 
@@ -113,6 +111,26 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
         bar.update(len(ps))
     bar.close()
     return images
+
+
+def sample_latents(pipe, prompts: list[str], first_seed: int, steps: int, guidance: float,
+                   on_step=None) -> None:
+    """One calibration sampling call: prompt k of the batch uses seed `first_seed + k`, so prompt
+    i of a prompt file always samples with seed + i (calibrate, compare and resumed runs alike).
+    `on_step(pipe, i, t, kwargs)` runs after every denoising step."""
+    gens = [torch.Generator().manual_seed(first_seed + k) for k in range(len(prompts))]
+    kw = {} if on_step is None else {"callback_on_step_end": on_step}
+    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+         output_type="latent", **kw)
+
+
+def calibration_pass(pipe, prompts: list[str], seed: int, steps: int, guidance: float,
+                     batch_size: int, progress: bool = False):
+    """A callable that samples every calibration prompt once, in batches (`sample_latents`)."""
+    def drive():
+        for i in tqdm(range(0, len(prompts), batch_size), desc="layer inputs", disable=not progress):
+            sample_latents(pipe, prompts[i:i + batch_size], seed + i, steps, guidance)
+    return drive
 
 
 def unet_calls(pipe, prompts: list[str], steps: int, guidance: float, seed: int, timesteps: int) -> list:

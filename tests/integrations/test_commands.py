@@ -96,8 +96,10 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
     latin.write_bytes("un carr\xe9 rouge\n".encode("latin-1"))
     out = tmp_path / "out"
     cases = [
-        (["eval", "--model", tmp_path / "nope"], "not a diffusers pipeline"),
-        (["calibrate", "--model", tmp_path / "nope"], "not a diffusers pipeline"),
+        (["eval", "--model", tmp_path / "nope"], f"model directory {tmp_path / 'nope'} does not exist"),
+        (["calibrate", "--model", tmp_path / "nope"], "does not exist"),
+        (["calibrate", "--model", latin], "is a file, not a diffusers pipeline directory"),
+        (["calibrate", "--model", tmp_path], "not a diffusers pipeline directory (no model_index.json)"),
         (["eval", "--model", MODEL, "--prompts", empty], "no prompts"),
         (["eval", "--model", MODEL, "--prompts", blank], "no prompts"),
         (["calibrate", "--model", MODEL, "--prompts", latin], "not UTF-8"),
@@ -139,7 +141,7 @@ def test_quantized_dir_of_another_model(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_interrupted_calibration_resumes_to_the_same_statistics(tmp_path, monkeypatch):
+def test_interrupted_calibration_resumes_to_the_same_statistics(tmp_path, monkeypatch, capsys):
     out = tmp_path / "w8a8"
     real = calibrate_mod.collect_stats
     calls = {"n": 0}
@@ -154,8 +156,12 @@ def test_interrupted_calibration_resumes_to_the_same_statistics(tmp_path, monkey
     assert run(*args, "--out", tmp_path / "whole") == 0
     monkeypatch.setattr(calibrate_mod, "collect_stats", flaky)
     args += ["--out", out]
+    capsys.readouterr()
     assert run(*args) == 130
     assert not out.exists() and (tmp_path / ".w8a8.calib-cache").is_dir()
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("diffq calibrate: 1 finished prompts are cached in")
+    assert "--resume" in err[-1]
     assert run(*args, "--resume") == 0
     assert calls["n"] == 3  # the second batch ran again, the first did not
     resumed = load_file(str(out / "stats.safetensors"))
@@ -180,10 +186,24 @@ def test_resume_refuses_a_cache_from_other_settings(capsys, tmp_path):
     out = tmp_path / "w8a8"
     cache = tmp_path / ".w8a8.calib-cache"
     cache.mkdir()
-    (cache / "progress.json").write_text(json.dumps({"meta": {"steps": "50"}, "done": 1}))
+    meta = {k: str(v) for k, v in vars(calibrate_mod.CalibrateSettings(
+        model=MODEL, num_prompts=2, steps=50, batch_size=2)).items()
+            if k not in ("overwrite", "resume", "out")}
+    (cache / "progress.json").write_text(json.dumps({"meta": {**meta, "recipe": "w8a8"}, "done": 1}))
     err = _one_line_exit_2(capsys, "calibrate", "--model", MODEL, "--num-prompts", "2", "--out", out,
                            "--resume", *FAST)
-    assert "other settings" in err and not out.exists()
+    assert "other settings (steps '50' -> '4')" in err and not out.exists()
+
+
+def test_plain_rerun_says_what_it_discards(capsys, tmp_path):
+    out = tmp_path / "w8a8"
+    cache = tmp_path / ".w8a8.calib-cache"
+    cache.mkdir()
+    (cache / "progress.json").write_text(json.dumps({"meta": {"steps": "50"}, "done": 3}))
+    assert run("calibrate", "--model", MODEL, "--num-prompts", "2", "--out", out, *FAST) == 0
+    err = capsys.readouterr().err
+    assert f"note: discarding 3 finished prompts cached in {cache}" in err and "--resume" in err
+    assert not cache.exists() and (out / "report.md").is_file()
 
 
 def test_bench_table_and_json(tmp_path, capsys):
@@ -230,3 +250,25 @@ def test_mixed_precision_calibrate_writes_allocation_and_figures(tmp_path):
     assert fours
     q = unet.get_submodule(fours[0])
     assert q.qweight.dtype == torch.uint8  # two int4 codes per byte
+
+
+def test_calibrate_publishes_the_model_when_figures_cannot_be_drawn(tmp_path, monkeypatch, capsys):
+    """matplotlib unimportable: the quantized pipeline and statistics are still published, the
+    command exits 0, and the missing figure is one warning line (and a line in report.md)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "q"
+    assert run("calibrate", "--model", MODEL, "--num-prompts", "2", "--out", out, *FAST) == 0
+    assert (out / "unet" / "diffq.json").is_file() and (out / "stats.safetensors").is_file()
+    assert not (out / "activation_ranges.png").exists()
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "activation_ranges.png not drawn" in warnings[0]
+    assert "matplotlib" in warnings[0]
+    report = (out / "report.md").read_text()
+    assert "> warning: activation_ranges.png not drawn" in report
+    assert "activation_ranges.png)" not in report  # no link to a figure that is not there
+    assert json.loads((out / "report.json").read_text())["warnings"]
+    assert not list(tmp_path.glob(".*"))
