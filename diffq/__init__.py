@@ -1,21 +1,37 @@
 """diffq: time-step-aware quantization for diffusion models and the Transformers around them.
 
 `import diffq` stays light: diffusers, transformers and triton are imported only when used.
+The core (`diffq.api`, `diffq.checkpoint` and below) knows nothing of them; `quantize` and
+`load` here add the one adapter step, so a diffusers / transformers model they return saves
+with `save_pretrained`.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-# The PyPI name "diffq" is an unrelated project that installs the same import name; the CLI
-# checks this marker to say so in one line when that package has replaced ours.
-__distribution__ = "diffq-toolkit"
+import functools
 
-from diffq.api import quantize, weight_bytes  # noqa: E402
-from diffq.checkpoint import load, save  # noqa: E402
-from diffq.core.recipe import ActivationSpec, Recipe, WeightSpec, load_recipe  # noqa: E402
-from diffq.errors import DiffqError  # noqa: E402
-from diffq.integrations import hf as _hf  # noqa: E402
+from diffq import api as _api
+from diffq import checkpoint as _checkpoint
+from diffq._version import __distribution__, __version__
+from diffq.api import weight_bytes
+from diffq.checkpoint import save
+from diffq.core.recipe import ActivationSpec, Recipe, WeightSpec, load_recipe
+from diffq.errors import DiffqError
+from diffq.integrations import adapters as _adapters
+from diffq.nn.state import diffq_state
 
-_hf.install()  # quant_method "diffq" for diffusers / transformers, registered when they load
+_adapters.install()  # quant_method "diffq" for diffusers / transformers, registered when they load
+
+
+@functools.wraps(_api.quantize)
+def quantize(model, recipe, *args, **kwargs):
+    return _adapters.attach(_api.quantize(model, recipe, *args, **kwargs))
+
+
+@functools.wraps(_checkpoint.load)
+def load(directory, model, *args, **kwargs):
+    model = _checkpoint.load(directory, model, *args, **kwargs)
+    return _adapters.attach(model) if diffq_state(model).recipe is not None else model
+
 
 _LAZY = {"DiffqConfig": "diffq.integrations.hf_diffusers",
          "DiffqTransformersConfig": "diffq.integrations.hf_transformers"}
@@ -30,4 +46,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["quantize", "save", "load", "weight_bytes", "Recipe", "WeightSpec", "ActivationSpec",
-           "load_recipe", "DiffqError", "DiffqConfig", "DiffqTransformersConfig", "__version__"]
+           "load_recipe", "DiffqError", "DiffqConfig", "DiffqTransformersConfig", "__version__",
+           "__distribution__"]

@@ -15,12 +15,13 @@ from diffq.calib.hessian import InputCollector
 from diffq.calib.scales import choose_boundaries, scale_table
 from diffq.core.recipe import LayerPlan, Recipe, load_recipe
 from diffq.errors import CalibrationError, RecipeError
-from diffq.integrations import hf
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
 from diffq.nn.base import QuantizedLayer
+from diffq.nn.clock import attach_clock
 from diffq.nn.convert import QuantizationReport, linearize_conv1d, plan_layers
 from diffq.nn.prepare import input_needs, prepare_and_convert
+from diffq.nn.state import diffq_state
 from diffq.nn.timestep import TimestepClock, TimestepOf, install_clock
 
 
@@ -30,23 +31,6 @@ def _feature_axis(m: nn.Module) -> int:
 
 def _in_channels(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels
-
-
-def attach_clock(model: nn.Module, timestep_of: TimestepOf | None = None) -> TimestepClock | None:
-    """Share one clock among the model's timestep-grouped quantizers and hook it to the model."""
-    quantizers = [m.input_quant for m in model.modules()
-                  if isinstance(m, QuantizedLayer) and m.input_quant is not None
-                  and m.input_quant.spec.mode == "static" and m.input_quant.scale.shape[0] > 1]
-    if not quantizers:
-        return None
-    clock = TimestepClock()
-    for q in quantizers:
-        q.clock = clock
-    old = getattr(model, "_diffq_clock_handle", None)
-    if old is not None:
-        old.remove()
-    model._diffq_clock_handle = install_clock(model, clock, timestep_of)
-    return clock
 
 
 def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
@@ -122,7 +106,7 @@ def quantize(
     stats: dict[str, LayerStats] | None = None,
     load_block: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Quantize `model` in place and return it; `model.diffq_report` says what was done.
+    """Quantize `model` in place and return it; `model.diffq.report` says what was done.
 
     recipe: built-in name ("w8a8", "w8", "w4g64", ...), YAML path or Recipe.
     calibration: items are a tensor, a tuple of args, a dict of kwargs or an (args, kwargs) pair
@@ -138,7 +122,7 @@ def quantize(
     (see `diffq.sequential` and `diffq.integrations.lowmem`).
     A recipe with a `mixed` section first measures per-layer sensitivity on the first
     prompts * timesteps calibration items and picks widths (see `plan_mixed`); the evidence
-    is kept as `model.diffq_report.mixed`.
+    is kept as `model.diffq.report.mixed`.
     """
     recipe = load_recipe(recipe)
     mixed = None
@@ -243,9 +227,8 @@ def _finish(model: nn.Module, recipe: Recipe, plans: dict[str, LayerPlan], repor
     attach_clock(model, timestep_of)
     report.quantized = {n: describe_plan(p) + (f" [{prepared[n].note}]" if n in prepared else "")
                         for n, p in plans.items()}
-    model.diffq_report = report
-    model.diffq_recipe = recipe
-    hf.attach(model)  # a diffusers / transformers model now saves with save_pretrained
+    state = diffq_state(model)
+    state.report, state.recipe = report, recipe
     return model
 
 

@@ -13,12 +13,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffq._version import __version__
 from diffq.core.config import from_dict
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec
 from diffq.errors import CheckpointError, DiffqError
 from diffq.io import writing_directory
 from diffq.nn.base import QuantizedLayer
+from diffq.nn.clock import attach_clock
 from diffq.nn.convert import convert
+from diffq.nn.state import diffq_state
 
 FORMAT_VERSION = 1
 META_FILE = "diffq.json"
@@ -49,12 +52,6 @@ def unloadable_markers(model: nn.Module) -> dict[str, torch.Tensor]:
 def marker_names(layers) -> set[str]:
     """Every name `unloadable_markers` may write, for a model with these quantized layers."""
     return {f"{n}.weight" for n in layers} | {NOTICE_KEY, _OLD_NOTICE_KEY}
-
-
-def _version() -> str:
-    from diffq import __version__
-
-    return __version__
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -110,11 +107,11 @@ def verify(model: nn.Module, digests: dict[str, str] | None, where: str, hashes:
 
 def metadata(model: nn.Module, aliases: dict[str, str] | None = None) -> dict:
     """The contents of diffq.json for a quantized model."""
-    recipe = getattr(model, "diffq_recipe", None)
+    recipe = diffq_state(model).recipe
     return {
         "format": "diffq",
         "format_version": FORMAT_VERSION,
-        "diffq_version": _version(),
+        "diffq_version": __version__,
         "recipe": None if recipe is None else recipe.to_dict(),
         "layers": describe_layers(model),
         "aliases": aliases or {},
@@ -205,8 +202,6 @@ def _plans(model: nn.Module, layers: dict
 def load(directory: str | Path, model: nn.Module, timestep_of=None, verify_hashes: bool = True) -> nn.Module:
     """Load a diffq checkpoint into `model`, a float model of the same architecture (in place).
     `verify_hashes=False` skips the per-tensor digest check (NaN / Inf are refused either way)."""
-    from diffq.api import attach_clock
-
     directory = Path(directory)
     meta = read_meta(directory)
     path = next((directory / f for f in HF_TENSOR_FILES if (directory / f).is_file()),
@@ -242,10 +237,6 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None, verify_hashe
     model.load_state_dict(tensors, strict=True)
     verify(model, meta.get("tensors"), str(directory), verify_hashes)
     if meta.get("recipe") is not None:
-        model.diffq_recipe = Recipe.from_dict(meta["recipe"])
+        diffq_state(model).recipe = Recipe.from_dict(meta["recipe"])
     attach_clock(model, timestep_of)
-    if getattr(model, "diffq_recipe", None) is not None:
-        from diffq.integrations.hf import attach
-
-        attach(model)  # a diffusers / transformers model now saves with save_pretrained
     return model

@@ -98,7 +98,7 @@ def _run_llm(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sp: argparse.ArgumentParser) -> None:
-    from diffq.integrations.bench import BenchSettings as S
+    from diffq.commands.bench import BenchSettings as S
 
     _option(sp, "--model", S, "pipeline directory, 'tiny-sd' or 'sd15' (SD1.5-architecture UNet "
             "with random weights)")
@@ -115,7 +115,7 @@ def _add_bench(sp: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     import json
 
-    from diffq.integrations.bench import BenchSettings, format_bench, run_bench
+    from diffq.commands.bench import BenchSettings, format_bench, run_bench
 
     s = _settings(BenchSettings, args)
     r = run_bench(s)
@@ -129,7 +129,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sp: argparse.ArgumentParser) -> None:
-    from diffq.integrations.compare import CompareSettings as S
+    from diffq.commands.compare import CompareSettings as S
 
     _add_eval(sp, S)
     _option(sp, "--schemes", S, "comma-separated: fp and recipe names/paths",
@@ -140,7 +140,7 @@ def _add_compare(sp: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from diffq.integrations.compare import CompareSettings, format_table, run_compare
+    from diffq.commands.compare import CompareSettings, format_table, run_compare
 
     s = _settings(CompareSettings, args)
     rows = run_compare(s, progress=not args.no_progress)
@@ -165,7 +165,7 @@ def _add_sampling(sp: argparse.ArgumentParser, S) -> None:
 
 
 def _add_calibrate(sp: argparse.ArgumentParser) -> None:
-    from diffq.integrations.calibrate import CalibrateSettings as S
+    from diffq.commands.calibrate import CalibrateSettings as S
 
     _add_sampling(sp, S)
     _option(sp, "--recipe", S, "built-in recipe name or YAML path")
@@ -189,14 +189,17 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         return _run_llm(args)
     if args.low_memory:
         raise InputError("--low-memory is for transformers models (--model <dir> --dataset <text>)")
-    from diffq.integrations.calibrate import CalibrateSettings, run_calibrate
+    from diffq.commands.calibrate import CalibrateSettings, run_calibrate
 
     s = _settings(CalibrateSettings, args)
     r = run_calibrate(s, progress=not args.no_progress)
     print(f"{r['recipe']}: {len(r['layers'])} layers quantized, {len(r['skipped'])} kept float, "
           f"weight bytes {r['weight_bytes'] / r['weight_bytes_fp']:.3f}x bf16, {r['seconds']} s "
           f"-> {s.out} (report.md)")
-    for component, patterns in r["unmatched_patterns"].items():
+    from diffq.core.recipe import builtin_recipes
+
+    # built-in recipes name several architectures' layers on purpose; a user's recipe should not
+    for component, patterns in ({} if s.recipe in builtin_recipes() else r["unmatched_patterns"]).items():
         for pattern in patterns:
             print(f"note: recipe pattern {pattern!r} matched no layer of the {component}", file=sys.stderr)
     for w in r["warnings"]:
@@ -206,7 +209,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 def _add_eval(sp: argparse.ArgumentParser, S=None) -> None:
     if S is None:
-        from diffq.integrations.evaluate import EvalSettings as S
+        from diffq.commands.evaluate import EvalSettings as S
         sp.set_defaults(func=_run_eval)
     _add_sampling(sp, S)
     sp.add_argument("--quantized", type=Path, help="quantized directory (diffq calibrate / "
@@ -223,7 +226,7 @@ def _add_eval(sp: argparse.ArgumentParser, S=None) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     if _llm_args(args):
         return _run_llm(args)
-    from diffq.integrations.evaluate import EvalSettings, run_eval
+    from diffq.commands.evaluate import EvalSettings, run_eval
 
     s = _settings(EvalSettings, args)
     report = run_eval(s, progress=not args.no_progress)
@@ -236,7 +239,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from diffq import __version__
+    from diffq._version import __version__
 
     return __version__
 
@@ -304,7 +307,7 @@ def _run(argv: list[str] | None) -> int:
 def _resume_hint(args: argparse.Namespace) -> str | None:
     if args.command != "calibrate" or _llm_args(args):
         return None
-    from diffq.integrations.calibrate import CalibrateSettings, resume_hint
+    from diffq.commands.calibrate import CalibrateSettings, resume_hint
 
     return resume_hint(args.out or CalibrateSettings().out)
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from diffq._version import __version__
 from diffq.errors import CheckpointError, InputError
 
 OUTPUT_MARKER = "diffq-output.json"  # written into every directory diffq publishes
@@ -55,14 +56,17 @@ def atomic_directory(directory: Path, overwrite: bool) -> Path:
     tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    from diffq import __version__
-
     (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "diffq-toolkit", "version": __version__}))
     return tmp
 
 
 def publish(tmp: Path, directory: Path) -> None:
-    """Swap the finished temporary directory into place (rename is atomic on one filesystem)."""
+    """Swap the finished temporary directory into place (rename is atomic on one filesystem).
+    Every file gets the mode of a file written here normally (safetensors writes 0600)."""
+    mode = (tmp / OUTPUT_MARKER).stat().st_mode & 0o777 if (tmp / OUTPUT_MARKER).is_file() else 0o644
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
     old = None
     if directory.exists():
         old = directory.parent / f".{directory.name}.old-{os.getpid()}"

@@ -8,8 +8,8 @@ import argparse
 import torch
 from torch import nn
 
+from diffq.commands.bench import median_seconds
 from diffq.core.recipe import WeightSpec
-from diffq.integrations.bench import median_seconds
 from diffq.nn import QLinear
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from diffq import quantize
-from diffq.integrations.bench import BenchSettings, _calls, _unet_and_inputs
+from diffq.commands.bench import BenchSettings, _calls, _unet_and_inputs
 from diffq.integrations.unet import skip_concat_segments
 
 

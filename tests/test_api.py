@@ -19,7 +19,7 @@ def test_w8_leaves_int8_and_halves_bf16_bytes(toy_unet):
     assert 0.5 < diffq.weight_bytes(toy_unet) / fp_bytes < 0.6
     with torch.no_grad():
         assert sqnr_db(ref, toy_unet(x, t)) > 30
-    report = toy_unet.diffq_report
+    report = toy_unet.diffq.report
     assert report.skipped["emb"].startswith("unsupported layer type Embedding")
     assert "down" in report.quantized
 
@@ -27,13 +27,13 @@ def test_w8_leaves_int8_and_halves_bf16_bytes(toy_unet):
 def test_recipe_skip_is_reported(toy_unet):
     diffq.quantize(toy_unet, Recipe(skip=["conv_in", "conv_out", "nothing_*"]))
     assert isinstance(toy_unet.conv_in, torch.nn.Conv2d) and not isinstance(toy_unet.conv_in, QConv2d)
-    assert toy_unet.diffq_report.skipped["conv_in"] == "kept float by recipe"
-    assert toy_unet.diffq_report.unmatched_patterns == ["nothing_*"]
+    assert toy_unet.diffq.report.skipped["conv_in"] == "kept float by recipe"
+    assert toy_unet.diffq.report.unmatched_patterns == ["nothing_*"]
 
 
 def test_group_that_does_not_divide_is_skipped_not_crashed(toy_unet):
     diffq.quantize(toy_unet, "w4g64")  # conv_in has K = 4*3*3 = 36
-    assert "not divisible by group size 64" in toy_unet.diffq_report.skipped["conv_in"]
+    assert "not divisible by group size 64" in toy_unet.diffq.report.skipped["conv_in"]
 
 
 def test_static_activations_need_calibration(toy_unet):

@@ -29,7 +29,7 @@ def test_round_trip_is_bit_exact(recipe, tmp_path):
     assert_same_state(m, m2)
     with torch.no_grad():
         assert torch.equal(m2(x, t), y)
-    assert m2.diffq_recipe.name == recipe
+    assert m2.diffq.recipe.name == recipe
 
 
 def test_tied_weights_round_trip(tmp_path):

@@ -19,6 +19,7 @@ from diffq.errors import CheckpointError, InputError
 from diffq.eval import llm as metrics
 from diffq.io import check_at_least, check_output, read_text, writing_directory
 from diffq.nn.convert import linearize_conv1d
+from diffq.nn.state import diffq_state
 
 MODEL_DIR = "model"  # the diffq checkpoint inside a quantized output directory
 SOURCE_FILE = "llm.json"  # which float model it was made from
@@ -49,15 +50,10 @@ def load_model(path: Path) -> nn.Module:
     cls = getattr(transformers, arch, None)
     if cls is None:
         raise InputError(f"{path}: architecture {arch!r} is not in this transformers version")
-    from transformers.utils import logging
+    from diffq.integrations.pipeline import library_progress_bars
 
-    bar = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # the CLI prints one line per run
-    try:
+    with library_progress_bars(False):  # the CLI prints one line per run
         return cls.from_pretrained(path, dtype=torch.float32).eval()
-    finally:
-        if bar:
-            logging.enable_progress_bar()
 
 
 def load_tokenizer(path: Path):
@@ -155,7 +151,7 @@ def run_llm_calibrate(s: LLMCalibrateSettings, progress: bool = False) -> dict:
     quantize(model, recipe, calibration=calibration_items(ids, s.batch_size), progress=progress,
              load_block=load_block)
     seconds = time.perf_counter() - t
-    rep = model.diffq_report
+    rep = diffq_state(model).report
     if not rep.quantized:
         raise InputError(f"recipe {recipe.name!r} quantized no layer of {s.model} "
                          f"({len(rep.skipped)} kept float); check its skip / override patterns")
@@ -224,7 +220,7 @@ class LLMEvalSettings:
 
 def kv_cache_for(model: nn.Module):
     """A fresh int8 KV cache when the model's recipe asks for one, else None (float cache)."""
-    recipe = getattr(model, "diffq_recipe", None)
+    recipe = diffq_state(model).recipe
     if recipe is None or recipe.kv_cache is None:
         return None
     from diffq.integrations.kvcache import Int8KVCache
@@ -306,7 +302,7 @@ def run_llm_eval(s: LLMEvalSettings) -> dict:
     fp = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     report = {"model": str(model_dir), "quantized": str(s.quantized), "dataset": str(s.dataset),
-              "recipe": q.diffq_recipe.name if hasattr(q, "diffq_recipe") else None,
+              "recipe": getattr(diffq_state(q).recipe, "name", None),
               "kind": "causal" if is_causal(fp) else "encoder",
               "weight_bytes": weight_bytes(q), "weight_bytes_fp": weight_bytes(fp)}
     report["metrics"] = (eval_causal if is_causal(fp) else eval_encoder)(fp, q, tok, text, s)

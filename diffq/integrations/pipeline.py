@@ -1,8 +1,10 @@
 """Load diffusers pipelines, apply diffq checkpoints to their components, generate images."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,18 +27,31 @@ def check_pipeline_dir(path: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading bars on or off while the block runs, then as they were
+    (they are process-wide switches of those libraries)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    before = [(lib, lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _ in before:
+        (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for lib, was in before:
+            (lib.enable_progress_bar if was else lib.disable_progress_bar)()
+
+
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True):
     """A diffusers pipeline from a local directory, with its sampling progress bar off."""
     path = check_pipeline_dir(path)
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    for lib in (dlog, tlog):
-        (lib.enable_progress_bar if progress else lib.disable_progress_bar)()
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        with library_progress_bars(progress):
+            pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     except (OSError, ValueError) as e:
@@ -73,7 +88,7 @@ def save_quantized_pipeline(source: str | Path, components: dict, out: Path) -> 
     saved with `save_pretrained` (config.json with quantization_config, safetensors) plus its
     diffq.json, so that `diffq.load` / `apply_quantized` read it too."""
     from diffq.checkpoint import metadata
-    from diffq.integrations.hf import attach
+    from diffq.integrations.adapters import attach
 
     source = check_pipeline_dir(source)
     shutil.copytree(source, out, dirs_exist_ok=True, ignore=lambda d, names: [

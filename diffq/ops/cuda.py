@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 from torch import Tensor
@@ -18,7 +19,13 @@ from diffq.ops import library, reference
 
 @functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether the Triton kernels can run; without triton, says once that CUDA runs the float
+    reference (dequantize + float op), not int8 compute, and which extra brings the kernels."""
+    if importlib.util.find_spec("triton") is not None:
+        return True
+    warnings.warn("diffq: triton is not installed, so quantized layers on CUDA run the float "
+                  "reference instead of int8 kernels: pip install 'diffq-toolkit[triton]'", stacklevel=3)
+    return False
 
 
 @library.w8a8_linear.register_kernel("cuda")

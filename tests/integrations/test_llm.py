@@ -37,7 +37,7 @@ def test_quantize_transformers_models(build, recipe, tol):
     ref = copy.deepcopy(model)
     cal = lm.batches(2, 16)
     diffq.quantize(model, recipe, calibration=cal)
-    rep = model.diffq_report
+    rep = model.diffq.report
     assert rep.quantized and not any(isinstance(m, nn.Linear) for n, m in model.named_modules()
                                      if n in rep.quantized)
     if build is lm.gpt2:  # Conv1D became Linear and was quantized
@@ -110,7 +110,7 @@ def test_sequential_runs_one_block_at_a_time_and_matches_one_pass():
         b.register_forward_pre_hook(lambda m, a, i=i: events.append(
             (i, isinstance(blocks[i].self_attn.q_proj, QLinear))))
     diffq.quantize(seq, "llm-w4a16-gptq", calibration=cal)
-    assert seq.diffq_report.sequential
+    assert seq.diffq.report.sequential
     # every call of block i happens before any call of block i+1 (one block computes at a
     # time), and block i runs quantized only after the float runs that collect its Hessians
     order = [i for i, _ in events]
@@ -122,7 +122,7 @@ def test_sequential_runs_one_block_at_a_time_and_matches_one_pass():
     from dataclasses import replace
 
     diffq.quantize(one, replace(recipe, sequential=False), calibration=cal)
-    assert not one.diffq_report.sequential
+    assert not one.diffq.report.sequential
     with torch.no_grad():
         x = lm.batches(1, 32, seed=9)[0]
         r = ref(**x).logits
@@ -202,7 +202,7 @@ def test_no_linear_model_and_pad_token(tmp_path, monkeypatch):
 
     model = NoLinear()
     diffq.quantize(model, "w8")  # the API reports it; the CLI refuses it
-    assert not model.diffq_report.quantized and "emb" in model.diffq_report.skipped
+    assert not model.diffq.report.quantized and "emb" in model.diffq.report.skipped
     monkeypatch.setattr(llm, "load_model", lambda _path: NoLinear())
     src = lm.save_model_dir(lm.llama(), tmp_path / "tiny")
     data = tmp_path / "text.txt"

@@ -66,7 +66,7 @@ def test_w8a8_on_diffusers_unet_with_split_and_groups(unet, tmp_path):
     assert q.scale.shape == (4, 2) and len(q.segments) == 2
     assert not torch.equal(q.scale[:, 0], q.scale[:, 1])  # the halves really differ in range
     assert isinstance(model.conv_in, torch.nn.Conv2d)
-    assert "time_embedding.linear_1" in model.diffq_report.skipped
+    assert "time_embedding.linear_1" in model.diffq.report.skipped
     with torch.no_grad():
         out = model(*args, **kwargs).sample
     assert sqnr_db(ref, out) > 20

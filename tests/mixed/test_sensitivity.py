@@ -140,9 +140,9 @@ def test_quantize_with_mixed_recipe_meets_budget_and_beats_uniform_low_width(met
     assert {type(m).__name__ for m in chosen.modules()} >= {"QLinear"}
     assert err(chosen) < err(uniform)
     assert weight_bytes(chosen) > weight_bytes(uniform)
-    kept = chosen.diffq_report.mixed  # the evidence behind the widths stays with the model
+    kept = chosen.diffq.report.mixed  # the evidence behind the widths stays with the model
     assert kept.allocation.average_bits <= 6.0 and kept.table.layers == list(layers)
-    assert uniform.diffq_report.mixed is None
+    assert uniform.diffq.report.mixed is None
 
 
 def test_mixed_bad_input_is_one_clear_error():

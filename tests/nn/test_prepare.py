@@ -62,7 +62,7 @@ def test_gptq_and_awq_mlp_beat_rtn_end_to_end(method, bound):
         assert isinstance(q.up, QLinear) and q.up.qweight.dtype == torch.uint8
         assert _rel_error(q, ref, x) < bound * _rel_error(rtn, ref, x)
         assert hasattr(q.up, "input_scale") == (method == "awq")
-        assert f"[{method}" in q.diffq_report.quantized["up"]
+        assert f"[{method}" in q.diffq.report.quantized["up"]
 
 
 def test_smoothquant_recipe_reduces_w8a8_error():
@@ -74,13 +74,13 @@ def test_smoothquant_recipe_reduces_w8a8_error():
     p, ref, x = _quantized_mlp(plain, 0)
     s, _, _ = _quantized_mlp(smooth, 0)
     assert _rel_error(s, ref, x) < 0.6 * _rel_error(p, ref, x)
-    assert "smoothquant α=" in s.diffq_report.quantized["up"]
+    assert "smoothquant α=" in s.diffq.report.quantized["up"]
     # a fixed α needs no samples and gives the paper's formula
     fixed = Recipe(weights=WeightSpec("int8"),
                    activations=ActivationSpec(mode="dynamic", granularity="per_token",
                                               smoothing="smoothquant", smooth_alpha=0.5))
     f, _, _ = _quantized_mlp(fixed, 0)
-    assert "α=0.50" in f.diffq_report.quantized["up"]
+    assert "α=0.50" in f.diffq.report.quantized["up"]
 
 
 @pytest.mark.parametrize("recipe", ["w4a16", "w4a8", "llm-w4a16-awq", "llm-w8a8-smoothquant", "fp8"])
@@ -109,8 +109,8 @@ def test_awq_conv_input_scale_round_trips_and_survives_dtype_casts(tmp_path):
     spec = WeightSpec("int4", "per_group", group_size=64, method="awq", clip="mse")
     diffq.quantize(m, Recipe(weights=spec, skip=["conv_in", "conv_out"]), calibration=data)
     assert isinstance(m.down, QConv2d) and m.down.input_scale.shape == (64,)
-    assert "awq α=" in m.diffq_report.quantized["down"]
-    assert "grouped conv" in m.diffq_report.quantized["mid"]  # no Hessian there: plain RTN
+    assert "awq α=" in m.diffq.report.quantized["down"]
+    assert "grouped conv" in m.diffq.report.quantized["mid"]  # no Hessian there: plain RTN
     assert not hasattr(m.mid, "input_scale")
     h = torch.randn(2, 64, 8, 8)
     with torch.no_grad():

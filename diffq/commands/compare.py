@@ -15,10 +15,10 @@ from pathlib import Path
 from diffq.api import collect_stats, plan_mixed, quantize, static_layers, weight_bytes
 from diffq.assets import shipped
 from diffq.calib.collector import unsplit
+from diffq.commands.evaluate import EvalSettings, check_settings, real_images, score, scorers
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.eval.grid import image_grid
-from diffq.integrations.evaluate import EvalSettings, check_settings, real_images, score, scorers
 from diffq.integrations.pipeline import calibration_pass, generate, load_pipeline, unet_calls
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import check_at_least, read_prompts, writing_directory

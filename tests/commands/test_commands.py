@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffq import cli
-from diffq.integrations import calibrate as calibrate_mod
+from diffq.commands import calibrate as calibrate_mod
+from tests.commands.test_data_safety import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("DIFFQ_TEST_PIPELINE", ROOT / "samples" / "tiny-sd"))
@@ -40,6 +41,10 @@ def test_calibrate_writes_the_quantized_pipeline(calibrated):
     split = [n for n, s in meta["layers"].items() if s["segments"] and len(s["segments"]) == 2]
     assert split and all(".resnets." in n for n in split)
     assert not list(calibrated.parent.glob(".*"))  # no partial or cache directories left
+    md = (calibrated / "report.md").read_text()
+    assert f"**{len(report['layers'])} layers quantized**, {len(report['skipped'])} kept float." in md
+    modes = {f.stat().st_mode & 0o777 for f in calibrated.rglob("*") if f.is_file()}
+    assert len(modes) == 1 and modes.pop() & 0o044  # safetensors files readable like the rest
 
 
 def test_eval_reports_metrics(calibrated, tmp_path):
@@ -121,10 +126,11 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--threads", "0"], "--threads"),
     ]
+    before = snapshot(tmp_path)
     for args, needle in cases:
         err = _one_line_exit_2(capsys, *args, "--out", out)
         assert needle in err, (args, err)
-        assert not out.exists()
+        assert snapshot(tmp_path) == before  # no output, cache or partial folder either
     out.mkdir()
     assert "exists" in _one_line_exit_2(capsys, "calibrate", "--model", MODEL, "--out", out)
 
@@ -272,3 +278,20 @@ def test_calibrate_publishes_the_model_when_figures_cannot_be_drawn(tmp_path, mo
     assert "activation_ranges.png)" not in report  # no link to a figure that is not there
     assert json.loads((out / "report.json").read_text())["warnings"]
     assert not list(tmp_path.glob(".*"))
+
+
+def test_global_switches_are_restored():
+    """Thread count and the libraries' progress bars are process-wide: set only while needed."""
+    from diffusers.utils import logging as dlog
+
+    from diffq.commands.bench import torch_threads
+    from diffq.integrations.pipeline import library_progress_bars
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    was = dlog.is_progress_bar_enabled()
+    with library_progress_bars(not was):
+        assert dlog.is_progress_bar_enabled() == (not was)
+    assert dlog.is_progress_bar_enabled() == was

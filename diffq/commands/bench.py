@@ -6,9 +6,11 @@ W8A8 layers through the fastest available backend (oneDNN int8 on x86).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,13 +110,29 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def run_bench(s: BenchSettings, progress: bool = True) -> dict:
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` (None: unchanged) while the block runs."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_bench(s: BenchSettings) -> dict:
     for option, value, minimum in (("--batch", s.batch, 1), ("--repeats", s.repeats, 1),
                                    ("--warmup", s.warmup, 0), ("--layers", s.layers, 0)):
         check_at_least(option, value, minimum)
     if s.threads is not None:
         check_at_least("--threads", s.threads)
-        torch.set_num_threads(s.threads)
+    with torch_threads(s.threads):
+        return _run_bench(s)
+
+
+def _run_bench(s: BenchSettings) -> dict:
     unet, x, ctx = _unet_and_inputs(s)
     t = torch.tensor(500.0)
     inputs = _layer_inputs(unet, x, ctx, s.layers)

@@ -10,6 +10,7 @@ import torch
 from diffq.api import weight_bytes
 from diffq.assets import shipped
 from diffq.checkpoint import read_meta
+from diffq.commands.settings import SamplingSettings
 from diffq.errors import InputError
 from diffq.eval import metrics, shapes
 from diffq.eval.report import write_eval_report
@@ -32,17 +33,11 @@ from diffq.io import (
 
 
 @dataclass
-class EvalSettings:
-    model: Path = field(default_factory=lambda: shipped("tiny-sd"))
+class EvalSettings(SamplingSettings):
     quantized: Path | None = None
     prompts: Path = field(default_factory=lambda: shipped("prompts") / "shapes-eval.txt")
     num_images: int = 64
-    steps: int = 20
-    guidance: float = 5.0
-    seed: int = 0
-    batch_size: int = 16
     out: Path = Path("out/eval")
-    overwrite: bool = False
     evaluator: Path = field(default_factory=lambda: shipped("tiny-clip"))
     real_images: Path | None = None
     clip_model: Path | None = None

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from diffq.api import MixedResult, collect_stats, plan_mixed, quantize, static_layers, weight_bytes
 from diffq.assets import shipped
 from diffq.calib.collector import LayerStats
+from diffq.commands.settings import SamplingSettings
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.eval.plots import activation_range_plot, draw_optional, mixed_precision_plots
@@ -45,17 +47,11 @@ from diffq.nn.prepare import input_needs
 
 
 @dataclass
-class CalibrateSettings:
-    model: Path = field(default_factory=lambda: shipped("tiny-sd"))
+class CalibrateSettings(SamplingSettings):
     prompts: Path = field(default_factory=lambda: shipped("prompts") / "shapes-calib.txt")
     recipe: str = "w8a8"
     num_prompts: int = 128
-    steps: int = 20
-    guidance: float = 5.0
-    seed: int = 0
-    batch_size: int = 16
     out: Path = Path("out/tiny-sd-w8a8")
-    overwrite: bool = False
     resume: bool = False
 
 
@@ -178,11 +174,11 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
         "components": list(comps),
         "weight_bytes": sum(weight_bytes(m) for m in comps.values()), "weight_bytes_fp": fp_bytes,
         "layers": {f"{c}.{n}" if c != "unet" else n: v for c, m in comps.items()
-                   for n, v in m.diffq_report.quantized.items()},
+                   for n, v in m.diffq.report.quantized.items()},
         "skipped": {f"{c}.{n}" if c != "unet" else n: v for c, m in comps.items()
-                    for n, v in m.diffq_report.skipped.items()},
-        "unmatched_patterns": {c: m.diffq_report.unmatched_patterns for c, m in comps.items()
-                               if m.diffq_report.unmatched_patterns},
+                    for n, v in m.diffq.report.skipped.items()},
+        "unmatched_patterns": {c: m.diffq.report.unmatched_patterns for c, m in comps.items()
+                               if m.diffq.report.unmatched_patterns},
     }
     if mixed is not None:
         report["mixed"] = mixed_summary(mixed)
@@ -343,6 +339,13 @@ def _write_report(out: Path, r: dict) -> None:
         "",
         f"Weight bytes: {r['weight_bytes']:,} vs {r['weight_bytes_fp']:,} bf16 "
         f"({r['weight_bytes'] / r['weight_bytes_fp']:.3f}x).",
+        "",
+        f"**{len(r['layers'])} layers quantized**, {len(r['skipped'])} kept float.",
+        "",
+        "| count | scheme or reason |",
+        "|---|---|",
+        *(f"| {n} | {what} |" for what, n in Counter(r["layers"].values()).most_common()),
+        *(f"| {n} | float: {why} |" for why, n in Counter(r["skipped"].values()).most_common()),
         "",
     ]
     lines += [f"> warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
