@@ -12,7 +12,7 @@ import functools
 from diffq import api as _api
 from diffq import checkpoint as _checkpoint
 from diffq._version import __distribution__, __version__
-from diffq.api import weight_bytes
+from diffq.api import Plan, calibrate, plan, weight_bytes
 from diffq.checkpoint import save
 from diffq.core.recipe import ActivationSpec, Recipe, WeightSpec, load_recipe
 from diffq.errors import DiffqError
@@ -25,6 +25,11 @@ _adapters.install()  # quant_method "diffq" for diffusers / transformers, regist
 @functools.wraps(_api.quantize)
 def quantize(model, recipe, *args, **kwargs):
     return _adapters.attach(_api.quantize(model, recipe, *args, **kwargs))
+
+
+@functools.wraps(_api.convert)
+def convert(model, plan, *args, **kwargs):
+    return _adapters.attach(_api.convert(model, plan, *args, **kwargs))
 
 
 @functools.wraps(_checkpoint.load)
@@ -45,6 +50,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'diffq' has no attribute {name!r}")
 
 
-__all__ = ["quantize", "save", "load", "weight_bytes", "Recipe", "WeightSpec", "ActivationSpec",
-           "load_recipe", "DiffqError", "DiffqConfig", "DiffqTransformersConfig", "__version__",
-           "__distribution__"]
+__all__ = ["quantize", "plan", "Plan", "calibrate", "convert", "save", "load", "weight_bytes",
+           "Recipe", "WeightSpec", "ActivationSpec", "load_recipe", "DiffqError", "DiffqConfig",
+           "DiffqTransformersConfig", "__version__", "__distribution__"]

@@ -1,19 +1,29 @@
-"""`diffq.quantize`: the in-place quantize -> (calibrate) -> convert lifecycle for any nn.Module."""
+"""The lifecycle for any nn.Module: `plan` (what each layer becomes and needs) -> `calibrate`
+(run any data; activation statistics per timestep and the layer inputs the weight methods
+need) -> `convert` (choose weights, swap the modules). `quantize` is the three in a row.
+
+    p = diffq.plan(unet, "w8a8", segments=skip_concat_segments(unet))
+    with diffq.calibrate(unet, p) as cal:
+        cal.run(calls)            # call items, or a callable that drives a pipeline
+    diffq.convert(unet, p, cal.stats)
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffq.calib.collector import ActivationCollector, LayerStats, run_calibration
-from diffq.calib.hessian import InputCollector
+from diffq.calib.collector import ActivationCollector, LayerStats, call_model, unsplit
+from diffq.calib.hessian import InputCollector, InputStats
 from diffq.calib.scales import choose_boundaries, scale_table
-from diffq.core.recipe import LayerPlan, Recipe, load_recipe
+from diffq.calib.store import load_stats, merge_stats, save_stats
+from diffq.core.config import from_dict, to_dict
+from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec, load_recipe
 from diffq.errors import CalibrationError, RecipeError
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
@@ -50,21 +60,190 @@ def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
 def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bool = False,
                   inputs: InputCollector | None = None):
     """Run calibration `data` (iterable of call items, or a callable that drives the model,
-    e.g. a pipeline loop) and return name -> LayerStats. `inputs` (Hessians etc.) is filled
-    in the same pass."""
+    e.g. a pipeline loop) and return name -> LayerStats of `layers` (see `static_layers`).
+    `inputs` (Hessians etc.) is filled in the same pass. `calibrate` is the public form."""
     clock = TimestepClock()
     handle = install_clock(model, clock, timestep_of)
     try:
         collector = ActivationCollector(layers, clock)
-        with inputs if inputs is not None else nullcontext():
-            if callable(data):
-                with torch.inference_mode(), collector:
-                    data()
-            else:
-                run_calibration(model, data, collector, progress)
+        with inputs if inputs is not None else nullcontext(), collector:
+            _run(model, data, progress)
     finally:
         handle.remove()
     return collector.stats()
+
+
+def _run(model: nn.Module, data, progress: bool) -> None:
+    """Feed calibration data through `model` without autograd: call items, or a callable."""
+    from tqdm.auto import tqdm
+
+    with torch.inference_mode():
+        if callable(data):
+            data()
+            return
+        n = 0
+        for item in tqdm(data, desc="calibrating", disable=not progress, leave=False):
+            call_model(model, item)
+            n += 1
+    if n == 0:
+        raise CalibrationError("the calibration data is empty")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `convert` will do to each layer of one model, and what it needs first: `layers`
+    (the scheme of each layer to quantize), `segments` (input channel segments with their own
+    activation scales), `needs` (layers whose weights come from their inputs: (Hessian, sample
+    rows)), `skipped` (layers kept float and why). Frozen; `to_dict` / `from_dict` round-trip."""
+
+    recipe: Recipe
+    layers: dict[str, LayerPlan]
+    segments: dict[str, list[int]] = field(default_factory=dict)
+    needs: dict[str, tuple[bool, int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    unmatched_patterns: tuple[str, ...] = ()
+
+    @property
+    def static(self) -> list[str]:
+        """The layers whose activation scales come from calibration statistics."""
+        return [n for n, p in self.layers.items()
+                if p.activations is not None and p.activations.mode == "static"]
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe.to_dict(),
+                "layers": {n: {"weights": to_dict(p.weights),
+                               "activations": None if p.activations is None else to_dict(p.activations)}
+                           for n, p in self.layers.items()},
+                "segments": self.segments, "needs": {n: list(v) for n, v in self.needs.items()},
+                "skipped": self.skipped, "unmatched_patterns": list(self.unmatched_patterns)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        layers = {n: LayerPlan(from_dict(WeightSpec, v["weights"]), None if v["activations"] is None
+                               else from_dict(ActivationSpec, v["activations"]))
+                  for n, v in d["layers"].items()}
+        return cls(Recipe.from_dict(d["recipe"]), layers, d["segments"],
+                   {n: tuple(v) for n, v in d["needs"].items()}, d["skipped"],
+                   tuple(d["unmatched_patterns"]))
+
+
+def plan(model: nn.Module, recipe: str | Path | Recipe,
+         segments: dict[str, list[int]] | None = None) -> Plan:
+    """Resolve `recipe` against `model`'s layers (a mixed recipe: its widths as they stand; see
+    `plan_mixed`). `segments`: layer -> input channel segments (e.g. a UNet's skip concats),
+    kept where the layer's activation spec splits them. transformers' Conv1D layers become
+    nn.Linear first so they can be planned."""
+    recipe = load_recipe(recipe)
+    linearize_conv1d(model)
+    layers, report = plan_layers(model, recipe)
+    keep_fp32(model, layers, report)
+    needs = {n: nd for n, p in layers.items() if (nd := input_needs(model.get_submodule(n), p))}
+    kept = {n: list(seg) for n, seg in (segments or {}).items() if n in layers
+            and layers[n].activations is not None and layers[n].activations.split_skip}
+    return Plan(recipe, layers, kept, needs, dict(report.skipped), tuple(report.unmatched_patterns))
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """What a calibration collected: activation statistics per timestep (`LayerStats`, merge
+    with `merge_stats`, save with `save_stats`) and the layer inputs GPTQ / AWQ / smoothing use."""
+
+    activations: dict[str, LayerStats]
+    inputs: dict[str, InputStats]
+
+
+class Calibration:
+    """`with diffq.calibrate(model, plan) as cal:` hooks the model; `cal.run(data)` as often as
+    needed; `cal.activation_stats` / `cal.input_stats` after (merge the former across runs,
+    processes or resumed work with `diffq.calib.store.merge_stats`)."""
+
+    def __init__(self, model: nn.Module, plans: Plan | Iterable[Plan], timestep_of=None,
+                 activations: bool = True, inputs: bool = True) -> None:
+        plans = [plans] if isinstance(plans, Plan) else list(plans)
+        self.model, self.timestep_of = model, timestep_of
+        layers: dict = {}
+        for p in plans:  # several plans: the union of their layers, each input split if any splits
+            for n, v in static_layers(model, p.layers, p.segments).items():
+                if n not in layers or len(v[2]) > len(layers[n][2]):
+                    layers[n] = v
+        needs = {n: nd for p in plans for n, nd in p.needs.items()} if inputs else {}
+        self._clock = TimestepClock()
+        self._activations = ActivationCollector(layers if activations else {}, self._clock)
+        self._inputs = InputCollector({n: model.get_submodule(n) for n in needs},
+                                      hessian=[n for n, (h, _) in needs.items() if h],
+                                      samples={n: k for n, (_, k) in needs.items() if k}) if needs else None
+        self._handle = None
+
+    def __enter__(self) -> Calibration:
+        self._handle = install_clock(self.model, self._clock, self.timestep_of)
+        self._activations.__enter__()
+        if self._inputs is not None:
+            self._inputs.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._inputs is not None:
+            self._inputs.__exit__(*exc)
+        self._activations.__exit__(*exc)
+        self._handle.remove()
+
+    def run(self, data, progress: bool = False) -> None:
+        """Feed `data` through the model: call items (tensor, args tuple, kwargs dict or (args,
+        kwargs)) or a callable that drives it (e.g. a pipeline over prompts)."""
+        _run(self.model, data, progress)
+
+    @property
+    def stats(self) -> CalibrationStats:
+        """Both halves, as `convert` takes them."""
+        return CalibrationStats(self.activation_stats, self.input_stats)
+
+    @property
+    def activation_stats(self) -> dict[str, LayerStats]:
+        return self._activations.stats() if self._activations.layers else {}
+
+    @property
+    def input_stats(self) -> dict[str, InputStats]:
+        return {} if self._inputs is None else self._inputs.stats()
+
+
+def calibrate(model: nn.Module, plans: Plan | Iterable[Plan], timestep_of: TimestepOf | None = None,
+              activations: bool = True, inputs: bool = True) -> Calibration:
+    """The calibration context of `plans` on `model` (see `Calibration`); `activations` /
+    `inputs` False skips collecting that half."""
+    return Calibration(model, plans, timestep_of, activations, inputs)
+
+
+def convert(model: nn.Module, plan: Plan,
+            activation_stats: CalibrationStats | dict[str, LayerStats] | None = None,
+            input_stats: dict[str, InputStats] | None = None,
+            timestep_of: TimestepOf | None = None) -> nn.Module:
+    """Choose every planned layer's weights (GPTQ / AWQ / smoothing from `input_stats`), swap the
+    layers for their quantized twins with activation scale tables from `activation_stats`, and
+    hook the timestep clock. `activation_stats` may be a whole `cal.stats`. Statistics collected
+    split by segment serve unsplit layers too."""
+    if isinstance(activation_stats, CalibrationStats):
+        activation_stats, input_stats = activation_stats.activations, activation_stats.inputs
+    acts = activation_stats or {}
+    missing = [n for n in plan.static if n not in acts]
+    if missing:
+        raise CalibrationError(f"no calibration statistics for layer {missing[0]!r} "
+                               f"({len(missing)} layers); were they collected for another model?")
+    absent = [n for n in plan.needs if n not in (input_stats or {})]
+    if absent:
+        raise CalibrationError(f"layer {absent[0]!r} chooses its weights from its inputs; calibrate "
+                               "with inputs=True before convert")
+    prepared, converted = prepare_and_convert(model, plan.layers, {n: input_stats[n] for n in plan.needs},
+                                              plan.segments, offload_context(model))
+    stats = {n: acts[n] if n in plan.segments else unsplit(acts[n]) for n in plan.static}
+    bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
+    for name, st in stats.items():
+        spec = plan.layers[name].activations
+        key = (spec.timestep_groups, spec.timestep_grouping)
+        if key not in bounds:
+            bounds[key] = choose_boundaries(stats, *key)
+        scale, zp = scale_table(st, bounds[key], spec)
+        converted[name].input_quant.set_table(scale, bounds[key], zp)
+    return _finish(model, plan, prepared, timestep_of)
 
 
 @dataclass
@@ -116,7 +295,7 @@ def quantize(
     call (default: the `timestep` keyword or the second positional argument).
     segments: layer name -> input channel segment sizes that get separate activation scales
     (used where the layer's activation spec sets split_skip).
-    stats: precollected statistics (see `collect_stats`), instead of running `calibration`.
+    stats: precollected activation statistics (see `calibrate`), instead of running `calibration`.
     load_block: for a model whose repeated blocks are still on the meta device, loads the
     float weights of the block it is given the name of; calibration then runs block by block
     (see `diffq.sequential` and `diffq.integrations.lowmem`).
@@ -133,62 +312,44 @@ def quantize(
         items = calibration[: recipe.mixed.prompts * recipe.mixed.timesteps]
         mixed = plan_mixed(model, recipe, items, progress=progress)
         recipe = mixed.recipe
-    linearize_conv1d(model)  # GPT-2's transposed Conv1D layers become plannable nn.Linear
-    plans, report = plan_layers(model, recipe)
-    report.mixed = mixed
-    keep_fp32(model, plans, report)
-    needs = {n: nd for n, p in plans.items() if (nd := input_needs(model.get_submodule(n), p))}
-    if load_block is not None or (needs and uses_sequential(model, recipe, needs)):
-        if calibration is None or callable(calibration):
-            raise CalibrationError("sequential calibration needs a list of calibration items "
-                                   "(pass calibration=[...])")
-        if recipe.sequential is False:
-            raise RecipeError("load_block (out-of-core) needs block-by-block calibration, but the "
-                              "recipe sets sequential: false")
-        from diffq.sequential import quantize_sequential
+    p = plan(model, recipe, segments)
+    if load_block is not None or (p.needs and uses_sequential(model, recipe, p.needs)):
+        _quantize_sequential(model, p, calibration, progress, load_block, timestep_of)
+    else:
+        acts, inputs = stats, {}
+        if (p.static and stats is None) or p.needs:
+            if calibration is None:
+                raise CalibrationError(_NEEDS_DATA["inputs" if p.needs else "static"])
+            with calibrate(model, p, timestep_of, activations=stats is None) as cal:
+                cal.run(calibration, progress)
+            acts = cal.activation_stats if stats is None else stats
+            inputs = cal.input_stats
+        convert(model, p, acts, inputs, timestep_of)
+    diffq_state(model).report.mixed = mixed
+    return model
 
-        prepared = quantize_sequential(model, plans, calibration, progress=progress,
-                                       load_block=load_block, materialize=offload_context(model))
-        report.sequential = True
-        return _finish(model, recipe, plans, report, prepared, timestep_of)
-    segments = {n: seg for n, seg in (segments or {}).items() if n in plans
-                and plans[n].activations is not None and plans[n].activations.split_skip}
-    layers = static_layers(model, plans, segments)
-    inputs = None
-    if needs:
-        if calibration is None:
-            raise CalibrationError("the recipe chooses weights from the layer inputs (weights.method "
-                                   "gptq / awq or activations.smoothing) and needs calibration data "
-                                   "(pass calibration=...)")
-        inputs = InputCollector({n: model.get_submodule(n) for n in needs},
-                                hessian=[n for n, (h, _) in needs.items() if h],
-                                samples={n: k for n, (_, k) in needs.items() if k})
-    if (layers and stats is None) or inputs is not None:
-        if calibration is None:
-            raise CalibrationError(
-                "the recipe quantizes activations statically and needs calibration data "
-                "(pass calibration=...), or use a weight-only / dynamic recipe"
-            )
-        found = collect_stats(model, layers if stats is None else {}, calibration, timestep_of,
-                              progress, inputs)
-        stats = found if stats is None else stats
-    missing = [n for n in layers if n not in (stats or {})]
-    if missing:
-        raise CalibrationError(f"no calibration statistics for layer {missing[0]!r} "
-                               f"({len(missing)} layers); were they collected for another model?")
-    stats = {n: stats[n] for n in layers}
-    input_stats = {} if inputs is None else inputs.stats()
-    prepared, converted = prepare_and_convert(model, plans, {n: input_stats[n] for n in needs},
-                                              segments, offload_context(model))
-    bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
-    for name, st in stats.items():
-        spec = plans[name].activations
-        key = (spec.timestep_groups, spec.timestep_grouping)
-        if key not in bounds:
-            bounds[key] = choose_boundaries(stats, *key)
-        scale, zp = scale_table(st, bounds[key], spec)
-        converted[name].input_quant.set_table(scale, bounds[key], zp)
-    return _finish(model, recipe, plans, report, prepared, timestep_of)
+
+_NEEDS_DATA = {
+    "inputs": "the recipe chooses weights from the layer inputs (weights.method gptq / awq or "
+              "activations.smoothing) and needs calibration data (pass calibration=...)",
+    "static": "the recipe quantizes activations statically and needs calibration data (pass "
+              "calibration=...), or use a weight-only / dynamic recipe",
+}
+
+
+def _quantize_sequential(model, p: Plan, calibration, progress, load_block, timestep_of) -> None:
+    """Block-by-block calibration and conversion (causal LMs, out-of-core models)."""
+    if calibration is None or callable(calibration):
+        raise CalibrationError("sequential calibration needs a list of calibration items "
+                               "(pass calibration=[...])")
+    if p.recipe.sequential is False:
+        raise RecipeError("load_block (out-of-core) needs block-by-block calibration, but the "
+                          "recipe sets sequential: false")
+    from diffq.sequential import quantize_sequential
+
+    prepared = quantize_sequential(model, p.layers, calibration, progress=progress,
+                                   load_block=load_block, materialize=offload_context(model))
+    _finish(model, p, prepared, timestep_of, sequential=True)
 
 
 def offload_context(model: nn.Module) -> Callable[[nn.Module], AbstractContextManager]:
@@ -222,13 +383,15 @@ def uses_sequential(model: nn.Module, recipe: Recipe, needs: dict[str, tuple[boo
     return causal and any(h for h, _ in needs.values())
 
 
-def _finish(model: nn.Module, recipe: Recipe, plans: dict[str, LayerPlan], report: QuantizationReport,
-            prepared: dict, timestep_of: TimestepOf | None) -> nn.Module:
+def _finish(model: nn.Module, plan: Plan, prepared: dict, timestep_of: TimestepOf | None,
+            sequential: bool = False) -> nn.Module:
     attach_clock(model, timestep_of)
+    report = QuantizationReport(plan.recipe.name, skipped=dict(plan.skipped),
+                                unmatched_patterns=list(plan.unmatched_patterns), sequential=sequential)
     report.quantized = {n: describe_plan(p) + (f" [{prepared[n].note}]" if n in prepared else "")
-                        for n, p in plans.items()}
+                        for n, p in plan.layers.items()}
     state = diffq_state(model)
-    state.report, state.recipe = report, recipe
+    state.report, state.recipe = report, plan.recipe
     return model
 
 
@@ -254,4 +417,6 @@ def weight_bytes(model: nn.Module, float_dtype: torch.dtype | None = torch.bfloa
     return total
 
 
-__all__ = ["quantize", "plan_mixed", "MixedResult", "weight_bytes", "attach_clock", "QuantizationReport"]
+__all__ = ["plan", "Plan", "calibrate", "Calibration", "CalibrationStats", "convert", "quantize",
+           "plan_mixed", "MixedResult", "weight_bytes", "attach_clock", "QuantizationReport",
+           "load_recipe", "LayerStats", "merge_stats", "save_stats", "load_stats", "SensitivityTable"]

@@ -12,15 +12,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from torchmetrics.functional import spearman_corrcoef
 from tqdm.auto import tqdm
 
-from diffq.api import MixedResult, collect_stats, plan_mixed, quantize, static_layers, weight_bytes
+from diffq.api import (
+    LayerStats,
+    MixedResult,
+    Plan,
+    SensitivityTable,
+    calibrate,
+    convert,
+    load_recipe,
+    load_stats,
+    merge_stats,
+    plan,
+    plan_mixed,
+    quantize,
+    save_stats,
+    weight_bytes,
+)
 from diffq.assets import shipped
-from diffq.calib.collector import LayerStats
 from diffq.commands.settings import SamplingSettings
-from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.eval.plots import activation_range_plot, draw_optional, mixed_precision_plots
 from diffq.integrations.pipeline import (
@@ -41,9 +53,6 @@ from diffq.io import (
     write_text,
     writing_directory,
 )
-from diffq.mixed.sensitivity import SensitivityTable, spearman
-from diffq.nn.convert import plan_layers
-from diffq.nn.prepare import input_needs
 
 
 @dataclass
@@ -88,7 +97,7 @@ def gather_stats(stats: dict[str, LayerStats] | None, procs: Processes) -> dict[
     merged = None
     for part in parts:
         if part:
-            merged = _merge(merged, {n: LayerStats(**t) for n, t in part.items()})
+            merged = merge_stats(merged, {n: LayerStats(**t) for n, t in part.items()})
     if merged is None:
         raise InputError("no process had prompts to calibrate on")
     return merged
@@ -96,28 +105,6 @@ def gather_stats(stats: dict[str, LayerStats] | None, procs: Processes) -> dict[
 
 def _cache_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.calib-cache"
-
-
-def save_stats(stats: dict[str, LayerStats], path: Path, meta: dict) -> None:
-    """Statistics as safetensors (`<layer>/<field>`), replaced atomically."""
-    tensors = {f"{n}/{k}": v.contiguous() for n, st in stats.items() for k, v in st.tensors().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"diffq": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def load_stats(path: Path) -> dict[str, LayerStats]:
-    try:
-        raw = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"statistics file {path} is unreadable: {e}") from None
-    names = {k.rpartition("/")[0] for k in raw}
-    return {n: LayerStats(*(raw[f"{n}/{f}"] for f in ("timesteps", "minmax", "hist", "exponent")))
-            for n in names}
-
-
-def _merge(a: dict | None, b: dict) -> dict:
-    return b if not a else {n: LayerStats.merge(a[n], b[n]) for n in b}
 
 
 def _check(s: CalibrateSettings) -> list[str]:
@@ -146,23 +133,22 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     unet = pipe.unet
     fp_bytes = weight_bytes(unet)
     segments = skip_concat_segments(unet)
-    plans, _ = plan_layers(unet, recipe)
-    layers = static_layers(unet, plans, {n: v for n, v in segments.items()
-                                         if plans.get(n) and plans[n].activations
-                                         and plans[n].activations.split_skip})
+    p = plan(unet, recipe, segments)  # activation specs do not depend on mixed widths
     stats = None
-    if layers:
-        stats = _collect(s, pipe, prompts, layers, recipe.name, progress and state.is_main_process,
-                         state)
+    if p.static:
+        stats = _collect(s, pipe, prompts, p, progress and state.is_main_process, state)
     mixed = None
     if recipe.mixed is not None:
         mixed = _plan_mixed(s, pipe, prompts, recipe, progress)
         recipe = mixed.recipe
-    # GPTQ / AWQ / smoothing need the layer inputs themselves: one more pass over the prompts
-    plans, _ = plan_layers(unet, recipe)
-    needs_inputs = any(input_needs(unet.get_submodule(n), p) for n, p in plans.items())
-    drive = _sampling_pass(s, pipe, prompts, progress) if needs_inputs else None
-    quantize(unet, recipe, segments=segments, stats=stats, calibration=drive)
+        p = plan(unet, recipe, segments)
+    inputs = {}
+    if p.needs:  # GPTQ / AWQ / smoothing need the layer inputs: one more pass over the prompts
+        with calibrate(unet, p, activations=False) as cal:
+            cal.run(_sampling_pass(s, pipe, prompts, progress))
+        inputs = cal.input_stats
+    convert(unet, p, stats, inputs)
+    unet.diffq.report.mixed = mixed
     comps = {"unet": unet}
     for name in recipe.components:
         if name.startswith("text_encoder"):
@@ -246,7 +232,8 @@ def mixed_summary(m: MixedResult) -> dict:
         "average_bits": round(a.average_bits, 3), "bytes": a.bytes,
         "bits": dict(sorted((b, sum(1 for v in a.bits.values() if v == b)) for b in t.bits)),
         "predicted_error": a.predicted_error, "measured_error": m.measured_error,
-        "proxy_spearman": spearman(t.proxy[finite, 0], t.error[finite, 0]) if finite.sum() > 1 else None,
+        "proxy_spearman": (float(spearman_corrcoef(t.proxy[finite, 0].float(), t.error[finite, 0].float()))
+                           if finite.sum() > 1 else None),
         "layers": a.bits,
     }
 
@@ -286,13 +273,13 @@ def _settings_diff(cached: dict, now: dict) -> str:
                      for k in sorted(set(cached) | set(now)) if cached.get(k) != now.get(k))
 
 
-def _collect(s, pipe, prompts, layers, recipe_name, progress, procs: Processes = Processes()) -> dict:
+def _collect(s, pipe, prompts, p: Plan, progress, procs: Processes = Processes()) -> dict:
     """Collect in prompt batches; after each batch the statistics so far are cached next to the
     output, so an interrupted run continues with --resume (a plain rerun says what it discards).
     With several processes each takes every count-th batch (same seeds as one process would
     use) and nothing is cached. The bar moves every denoising step."""
     cache = _cache_dir(s.out)
-    meta = {**asdict_str(s), "recipe": recipe_name}
+    meta = {**asdict_str(s), "recipe": p.recipe.name}
     stats, done = None, 0
     if (cache / "progress.json").is_file():
         info = json.loads((cache / "progress.json").read_text())
@@ -321,7 +308,9 @@ def _collect(s, pipe, prompts, layers, recipe_name, progress, procs: Processes =
         def drive(batch=batch, i=i, step_done=step_done):
             sample_latents(pipe, batch, s.seed + i, s.steps, s.guidance, step_done)
 
-        stats = _merge(stats, collect_stats(pipe.unet, layers, drive))
+        with calibrate(pipe.unet, p, inputs=False) as cal:
+            cal.run(drive)
+        stats = merge_stats(stats, cal.activation_stats)
         if procs.count == 1:
             save_stats(stats, cache / "stats.safetensors", meta)
             write_json(cache / "progress.json", {"meta": meta, "done": i + len(batch)})

@@ -12,18 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffq.api import collect_stats, plan_mixed, quantize, static_layers, weight_bytes
+from diffq.api import calibrate, convert, load_recipe, plan, plan_mixed, weight_bytes
 from diffq.assets import shipped
-from diffq.calib.collector import unsplit
 from diffq.commands.evaluate import EvalSettings, check_settings, real_images, score, scorers
-from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
 from diffq.eval.grid import image_grid
 from diffq.integrations.pipeline import calibration_pass, generate, load_pipeline, unet_calls
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import check_at_least, read_prompts, writing_directory
-from diffq.nn.convert import plan_layers
-from diffq.nn.prepare import input_needs
 
 DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
 
@@ -39,16 +35,16 @@ class CompareSettings(EvalSettings):
 
 
 def _shared_stats(pipe, recipes, s: CompareSettings, progress: bool):
-    """One collection on the FP UNet covering every static layer of every recipe."""
+    """One collection on the FP UNet covering every static layer of every recipe (an input is
+    split by channel segment where any recipe splits it; `convert` unsplits for the others)."""
     unet = pipe.unet
     segments = skip_concat_segments(unet)
-    layers = {}
-    for r in recipes:
-        plans, _ = plan_layers(unet, r)
-        layers.update(static_layers(unet, plans, segments))
-    if not layers:
+    plans = [p for p in (plan(unet, r, segments) for r in recipes) if p.static]
+    if not plans:
         return {}
-    return collect_stats(unet, layers, _calibration_pass(pipe, s), progress=progress)
+    with calibrate(unet, plans, inputs=False) as cal:
+        cal.run(_calibration_pass(pipe, s), progress)
+    return cal.activation_stats
 
 
 def _calibration_pass(pipe, s: CompareSettings):
@@ -56,12 +52,6 @@ def _calibration_pass(pipe, s: CompareSettings):
     seeds `diffq calibrate --seed SEED` uses, so its statistics are the same."""
     prompts = read_prompts(s.calib_prompts)[: s.num_prompts]
     return calibration_pass(pipe, prompts, s.seed, s.steps, s.guidance, s.batch_size)
-
-
-def _stats_for(recipe, unet, stats):
-    plans, _ = plan_layers(unet, recipe)
-    split = {n for n, p in plans.items() if p.activations is not None and p.activations.split_skip}
-    return {n: (st if n in split else unsplit(st)) for n, st in stats.items() if n in plans}
 
 
 def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
@@ -95,13 +85,15 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
                 calls = unet_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
                                    s.guidance, s.seed, recipe.mixed.timesteps)
                 recipe = plan_mixed(unet, recipe, calls, progress=progress).recipe
-            plans, _ = plan_layers(unet, recipe)
+            p = plan(unet, recipe, segments)
             pipe.unet = unet  # GPTQ / AWQ read this UNet's layer inputs while the pipeline samples
             try:
-                drive = (_calibration_pass(pipe, s) if any(
-                    input_needs(unet.get_submodule(n), p) for n, p in plans.items()) else None)
-                quantize(unet, recipe, segments=segments, stats=_stats_for(recipe, unet, stats),
-                         calibration=drive)
+                inputs = {}
+                if p.needs:
+                    with calibrate(unet, p, activations=False) as cal:
+                        cal.run(_calibration_pass(pipe, s))
+                    inputs = cal.input_stats
+                convert(unet, p, stats, inputs)
                 t0 = time.perf_counter()
                 imgs = generate(pipe, prompts, seeds, desc=name, **kw)
                 secs = (time.perf_counter() - t0) / len(prompts)

@@ -182,13 +182,5 @@ def measure_allocation(model: nn.Module, layers: dict[str, nn.Module], calls: li
             layers[n].weight.data.copy_(w)
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (no tie correction; ties are rare for real errors)."""
-    ra = a.double().argsort().argsort().double()
-    rb = b.double().argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-30))
-
-
 __all__ = ["SensitivityTable", "record_calls", "input_energy", "proxy_error", "measure_sensitivity",
-           "measure_allocation", "spearman", "FLOAT_BITS"]
+           "measure_allocation", "FLOAT_BITS"]

@@ -149,7 +149,7 @@ def test_quantized_dir_of_another_model(capsys, tmp_path):
 
 def test_interrupted_calibration_resumes_to_the_same_statistics(tmp_path, monkeypatch, capsys):
     out = tmp_path / "w8a8"
-    real = calibrate_mod.collect_stats
+    real = calibrate_mod.sample_latents  # one call per prompt batch of the statistics pass
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -160,7 +160,7 @@ def test_interrupted_calibration_resumes_to_the_same_statistics(tmp_path, monkey
 
     args = ["calibrate", "--model", MODEL, "--num-prompts", "2", *FAST, "--batch-size", "1"]
     assert run(*args, "--out", tmp_path / "whole") == 0
-    monkeypatch.setattr(calibrate_mod, "collect_stats", flaky)
+    monkeypatch.setattr(calibrate_mod, "sample_latents", flaky)
     args += ["--out", out]
     capsys.readouterr()
     assert run(*args) == 130

@@ -9,7 +9,6 @@ from diffq.mixed.sensitivity import (
     measure_sensitivity,
     proxy_error,
     record_calls,
-    spearman,
 )
 
 W4 = WeightSpec(format="int4", granularity="per_group", group_size=16)
@@ -81,13 +80,6 @@ def test_record_calls_keeps_selected_calls():
     calls = record_calls(net, drive, keep=lambda i: i % 2 == 0)
     assert len(calls) == 3
     assert torch.equal(calls[1][0][0], inputs[2]) and calls[1][1]["scale"] == 2.0
-
-
-def test_spearman():
-    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert abs(spearman(a, a ** 3) - 1) < 1e-12
-    assert abs(spearman(a, -a) + 1) < 1e-12
-    assert abs(spearman(a, torch.tensor([2.0, 1.0, 4.0, 3.0])) - 0.6) < 1e-12
 
 
 def test_width_a_layer_does_not_offer_is_infinite_and_not_chosen():
