@@ -57,22 +57,6 @@ def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
     return out
 
 
-def collect_stats(model: nn.Module, layers, data, timestep_of=None, progress: bool = False,
-                  inputs: InputCollector | None = None):
-    """Run calibration `data` (iterable of call items, or a callable that drives the model,
-    e.g. a pipeline loop) and return name -> LayerStats of `layers` (see `static_layers`).
-    `inputs` (Hessians etc.) is filled in the same pass. `calibrate` is the public form."""
-    clock = TimestepClock()
-    handle = install_clock(model, clock, timestep_of)
-    try:
-        collector = ActivationCollector(layers, clock)
-        with inputs if inputs is not None else nullcontext(), collector:
-            _run(model, data, progress)
-    finally:
-        handle.remove()
-    return collector.stats()
-
-
 def _run(model: nn.Module, data, progress: bool) -> None:
     """Feed calibration data through `model` without autograd: call items, or a callable."""
     from tqdm.auto import tqdm

@@ -10,10 +10,8 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from diffq import cli
-from diffq.api import collect_stats, static_layers
-from diffq.core.recipe import load_recipe
+from diffq.api import calibrate, plan
 from diffq.integrations.unet import skip_concat_segments
-from diffq.nn.convert import plan_layers
 from tests.conftest import assert_same_quantized_layers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +44,12 @@ def test_offloaded_unet_collects_the_same_statistics():
     from accelerate import cpu_offload
 
     def stats_of(unet):
-        plans, _ = plan_layers(unet, load_recipe("w8a8"))
-        layers = static_layers(unet, plans, skip_concat_segments(unet))
         g = torch.Generator().manual_seed(0)
         calls = [((torch.randn(2, 4, 16, 16, generator=g), torch.tensor([t, t]),
                    torch.randn(2, 8, 128, generator=g)), {}) for t in (999, 500, 1)]
-        return collect_stats(unet, layers, calls)
+        with calibrate(unet, plan(unet, "w8a8", skip_concat_segments(unet))) as cal:
+            cal.run(calls)
+        return cal.activation_stats
 
     plain = stats_of(UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet"))
     offloaded = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
