@@ -13,6 +13,7 @@ from torch import nn
 
 from diffq.calib.collector import call_model
 from diffq.calib.hessian import InputCollector, InputStats
+from diffq.calib.hooks import input_hooks
 from diffq.core.recipe import LayerPlan
 from diffq.errors import CalibrationError, RecipeError
 from diffq.nn.prepare import PreparedLayer, input_needs, prepare_and_convert
@@ -56,15 +57,12 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calibration: Iterab
         calls.append((tuple(args), _no_cache(kwargs)))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with input_hooks({"": block}, lambda _n, _m: hook, with_kwargs=True):
         for item in calibration:
             try:
                 call_model(model, item)
             except _Stop:
                 pass
-    finally:
-        handle.remove()
     if not calls:
         raise CalibrationError("the calibration data is empty (or never reached the first block)")
     return calls

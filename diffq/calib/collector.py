@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffq.calib import histogram as H
+from diffq.calib.hooks import input_hooks
 from diffq.errors import CalibrationError
 
 
@@ -121,7 +122,6 @@ class ActivationCollector:
         self.layers = layers
         self.clock = clock
         self._acc = {name: _Accumulator(len(v[2])) for name, v in self.layers.items()}
-        self._handles: list = []
 
     def _hook(self, name: str, axis: int, segments: list[int], prefix: int):
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -142,14 +142,13 @@ class ActivationCollector:
         return {n: a.finish() for n, a in self._acc.items()}
 
     def __enter__(self) -> ActivationCollector:
-        for name, (m, axis, segments, prefix) in self.layers.items():
-            self._handles.append(m.register_forward_pre_hook(self._hook(name, axis, segments, prefix)))
+        self._hooks = input_hooks({n: v[0] for n, v in self.layers.items()},
+                                  lambda n, _m: self._hook(n, *self.layers[n][1:]))
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.__exit__(*exc)
 
 
 def run_calibration(model: nn.Module, data: Iterable[Any], collector: ActivationCollector,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from diffq.algos.hessian import conv_rows, linear_rows, update_channel_stats, update_hessian
+from diffq.calib.hooks import input_hooks
 from diffq.errors import CalibrationError
 
 
@@ -92,7 +93,6 @@ class InputCollector:
         if bad:
             raise ValueError(f"layer {bad[0]!r}: no im2col Hessian for a {bad[1]}")
         self._layers = {n: _Layer(m, n in hessian, samples.get(n, 0)) for n, m in layers.items()}
-        self._handles: list = []
 
     def _hook(self, name: str, layer: _Layer):
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -107,11 +107,10 @@ class InputCollector:
         return {n: layer.finish(n) for n, layer in self._layers.items()}
 
     def __enter__(self) -> InputCollector:
-        for name, layer in self._layers.items():
-            self._handles.append(layer.module.register_forward_pre_hook(self._hook(name, layer)))
+        self._hooks = input_hooks({n: layer.module for n, layer in self._layers.items()},
+                                  lambda n, _m: self._hook(n, self._layers[n]))
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.__exit__(*exc)

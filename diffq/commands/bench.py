@@ -19,6 +19,7 @@ from torch import nn
 
 from diffq.api import quantize, weight_bytes
 from diffq.assets import shipped
+from diffq.calib.hooks import input_hooks
 from diffq.errors import InputError
 from diffq.io import check_at_least
 
@@ -84,22 +85,21 @@ def _calls(x, ctx, n=4):
 def _layer_inputs(unet, x, ctx, top: int) -> dict[str, torch.Tensor]:
     """Inputs of the `top` Linear/Conv2d layers with the most multiply-accumulates."""
     seen: dict[str, tuple[int, torch.Tensor]] = {}
-    hooks = []
-    for name, m in unet.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            def hook(mod, args, name=name):
-                a = args[0]
-                if isinstance(mod, nn.Linear):
-                    macs = a.numel() // a.shape[-1] * mod.in_features * mod.out_features
-                else:
-                    macs = a.shape[0] * a.shape[-1] * a.shape[-2] * mod.weight.numel()
-                if name not in seen or seen[name][0] < macs:
-                    seen[name] = (macs, a.detach().clone())
-            hooks.append(m.register_forward_pre_hook(hook))
-    with torch.inference_mode():
+
+    def make(name, _m):
+        def hook(mod, args):
+            a = args[0]
+            if isinstance(mod, nn.Linear):
+                macs = a.numel() // a.shape[-1] * mod.in_features * mod.out_features
+            else:
+                macs = a.shape[0] * a.shape[-1] * a.shape[-2] * mod.weight.numel()
+            if name not in seen or seen[name][0] < macs:
+                seen[name] = (macs, a.detach().clone())
+        return hook
+
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    with input_hooks(layers, make), torch.inference_mode():
         unet(x, torch.tensor(500.0), encoder_hidden_states=ctx)
-    for h in hooks:
-        h.remove()
     best = sorted(seen, key=lambda n: -seen[n][0])[:top]
     return {n: seen[n][1] for n in best}
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffq.calib.collector import call_model
+from diffq.calib.hooks import input_hooks
 from diffq.core.recipe import WeightSpec
 from diffq.core.weights import quantize_weight
 
@@ -69,12 +70,8 @@ def record_calls(model: nn.Module, drive: Callable[[], Any], keep: Callable[[int
             calls.append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
         count[0] += 1
 
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            drive()
-    finally:
-        handle.remove()
+    with input_hooks({"": model}, lambda _n, _m: hook, with_kwargs=True), torch.inference_mode():
+        drive()
     return calls
 
 
@@ -96,15 +93,10 @@ def input_energy(model: nn.Module, layers: dict[str, nn.Module], calls: list) ->
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
 
-    handles = [m.register_forward_pre_hook(make(n, 1 if isinstance(m, nn.Conv2d) else -1))
-               for n, m in layers.items()]
-    try:
-        with torch.inference_mode():
-            for item in calls:
-                call_model(model, item)
-    finally:
-        for h in handles:
-            h.remove()
+    with input_hooks(layers, lambda n, m: make(n, 1 if isinstance(m, nn.Conv2d) else -1)), \
+            torch.inference_mode():
+        for item in calls:
+            call_model(model, item)
     return {n: sums[n] / counts[n] for n in layers if n in sums}
 
 
