@@ -130,3 +130,18 @@ def test_every_option_says_its_default(capsys):
             entry = options.split(f"{option} {metavar} ", 1)[1].split(" --", 1)[0]
             assert "(default: " in entry, (command, option, entry)
         assert command == "bench" or "--no-progress no progress bars" in options
+
+
+def test_an_optional_feature_without_its_extra_fails_before_any_work(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch_fidelity" else real(name, *a))
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"\0")
+    before = snapshot(tmp_path)
+    err = one_line_exit_2(capsys, "eval", "--model", MODEL, "--clip-model", tmp_path,
+                          "--inception-weights", weights, "--out", tmp_path / "out")
+    assert "needs the 'fid' extra: pip install 'diffq-toolkit[fid]'" in err
+    assert snapshot(tmp_path) == before
