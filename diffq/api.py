@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffq.calib.collector import ActivationCollector, LayerStats, call_model, unsplit
+from diffq.calib.collector import ActivationCollector, LayerStats, feed, unsplit
 from diffq.calib.hessian import InputCollector, InputStats
 from diffq.calib.scales import choose_boundaries, scale_table
 from diffq.calib.store import load_stats, merge_stats, save_stats
@@ -55,22 +55,6 @@ def static_layers(model: nn.Module, plans: dict[str, LayerPlan],
             prefix = a.float_prefix if isinstance(m, nn.Linear) else 0
             out[n] = (m, _feature_axis(m), segments.get(n, [_in_channels(m)]), prefix)
     return out
-
-
-def _run(model: nn.Module, data, progress: bool) -> None:
-    """Feed calibration data through `model` without autograd: call items, or a callable."""
-    from tqdm.auto import tqdm
-
-    with torch.inference_mode():
-        if callable(data):
-            data()
-            return
-        n = 0
-        for item in tqdm(data, desc="calibrating", disable=not progress, leave=False):
-            call_model(model, item)
-            n += 1
-    if n == 0:
-        raise CalibrationError("the calibration data is empty")
 
 
 @dataclass(frozen=True)
@@ -174,7 +158,7 @@ class Calibration:
     def run(self, data, progress: bool = False) -> None:
         """Feed `data` through the model: call items (tensor, args tuple, kwargs dict or (args,
         kwargs)) or a callable that drives it (e.g. a pipeline over prompts)."""
-        _run(self.model, data, progress)
+        feed(self.model, data, progress)
 
     @property
     def stats(self) -> CalibrationStats:

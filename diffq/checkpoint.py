@@ -83,29 +83,39 @@ def tensor_digest(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')}:{hashlib.sha256(memoryview(data)).hexdigest()}"
 
 
-def tensor_digests(model: nn.Module) -> dict[str, str]:
-    """State-dict name -> `tensor_digest`, recorded at save time and checked at load."""
-    return {n: tensor_digest(t) for n, t in model.state_dict().items() if t.device.type != "meta"}
+def tensor_digests(model: nn.Module, known: dict[str, str] | None = None) -> dict[str, str]:
+    """State-dict name -> `tensor_digest`, recorded at save time and checked at load; `known`
+    digests (just verified, of these very tensors) are reused instead of hashed again."""
+    known = known or {}
+    return {n: known.get(n) or tensor_digest(t) for n, t in model.state_dict().items()
+            if t.device.type != "meta"}
 
 
-def verify(model: nn.Module, digests: dict[str, str] | None, where: str, hashes: bool = True) -> None:
+def verify(model: nn.Module, digests: dict[str, str] | None, where: str,
+           hashes: bool = True) -> dict[str, str]:
     """Refuse a loaded model with NaN / Inf in a float tensor (scales, zero points, float weights)
     or, with `hashes`, a tensor whose bytes differ from the digest recorded at save time (flipped
-    bytes, swapped tensors). Tensors the loader cast to another dtype keep only the first check."""
+    bytes, swapped tensors). Tensors the loader cast to another dtype keep only the first check.
+    Returns the digests it checked (name -> digest), for `tensor_digests(known=...)`."""
+    checked = {}
     for name, t in model.state_dict().items():
         if t.device.type == "meta":
             continue
         if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
             raise CheckpointError(f"{where}: tensor {name!r} holds NaN or Inf; the checkpoint is corrupt")
         recorded = (digests or {}).get(name) if hashes else None
-        if recorded and recorded.split(":")[0] == str(t.dtype).removeprefix("torch.") \
-                and tensor_digest(t) != recorded:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} differs from the digest recorded when it was saved; the "
-                "file is corrupt or was edited (load with verify=False / --no-verify to skip)")
+        if recorded and recorded.split(":")[0] == str(t.dtype).removeprefix("torch."):
+            if tensor_digest(t) != recorded:
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} differs from the digest recorded when it was saved; "
+                    "the file is corrupt or was edited (diffq.load(..., verify_hashes=False) or "
+                    "diffq eval --no-verify skips this check)")
+            checked[name] = recorded
+    return checked
 
 
-def metadata(model: nn.Module, aliases: dict[str, str] | None = None) -> dict:
+def metadata(model: nn.Module, aliases: dict[str, str] | None = None,
+             known_digests: dict[str, str] | None = None) -> dict:
     """The contents of diffq.json for a quantized model."""
     recipe = diffq_state(model).recipe
     return {
@@ -115,7 +125,7 @@ def metadata(model: nn.Module, aliases: dict[str, str] | None = None) -> dict:
         "recipe": None if recipe is None else recipe.to_dict(),
         "layers": describe_layers(model),
         "aliases": aliases or {},
-        "tensors": tensor_digests(model),
+        "tensors": tensor_digests(model, known_digests),
     }
 
 

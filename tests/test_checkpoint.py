@@ -185,3 +185,15 @@ def test_digest_of_every_saved_tensor_is_recorded(saved):
     meta = json.loads((path / checkpoint.META_FILE).read_text())
     assert set(meta["tensors"]) == set(m.state_dict())
     assert all(v.split(":")[1].isalnum() and len(v.split(":")[1]) == 64 for v in meta["tensors"].values())
+
+
+def test_verified_digests_are_reused_not_recomputed(saved, monkeypatch):
+    m, path = saved
+    loaded = diffq.load(path, ToyUNet())
+    meta = json.loads((path / checkpoint.META_FILE).read_text())
+    known = checkpoint.verify(loaded, meta["tensors"], "here")
+    assert known == meta["tensors"]  # every tensor kept its dtype, so every one was checked
+    calls = []
+    real = checkpoint.tensor_digest
+    monkeypatch.setattr(checkpoint, "tensor_digest", lambda t: calls.append(1) or real(t))
+    assert checkpoint.tensor_digests(loaded, known) == meta["tensors"] and not calls

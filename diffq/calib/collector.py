@@ -151,18 +151,28 @@ class ActivationCollector:
         self._hooks.__exit__(*exc)
 
 
-def run_calibration(model: nn.Module, data: Iterable[Any], collector: ActivationCollector,
-                    progress: bool = True) -> None:
-    """Feed every calibration item through `model` with the collector attached."""
+def feed(model: nn.Module, data, progress: bool = False) -> None:
+    """Run calibration data through `model` without autograd: call items (see `call_model`), or
+    a callable that drives it (e.g. a pipeline loop over prompts)."""
     from tqdm.auto import tqdm
 
-    n = 0
-    with torch.inference_mode(), collector:
+    with torch.inference_mode():
+        if callable(data):
+            data()
+            return
+        n = 0
         for item in tqdm(data, desc="calibrating", disable=not progress, leave=False):
             call_model(model, item)
             n += 1
     if n == 0:
         raise CalibrationError("the calibration data is empty")
+
+
+def run_calibration(model: nn.Module, data: Iterable[Any], collector: ActivationCollector,
+                    progress: bool = True) -> None:
+    """Feed every calibration item through `model` with the collector attached."""
+    with collector:
+        feed(model, data, progress)
 
 
 def unsplit(st: LayerStats) -> LayerStats:

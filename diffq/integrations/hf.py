@@ -111,9 +111,9 @@ class DiffqConfigMixin:
         return self.to_dict()
 
 
-def describe(model: nn.Module) -> dict[str, Any]:
+def describe(model: nn.Module, known_digests: dict[str, str] | None = None) -> dict[str, Any]:
     """Constructor arguments of the config that reloads this diffq-quantized model."""
-    meta = metadata(model)
+    meta = metadata(model, known_digests=known_digests)
     return {"recipe": meta["recipe"], "layers": meta["layers"], "tensors": meta["tensors"],
             "format_version": meta["format_version"], "diffq_version": meta["diffq_version"]}
 
@@ -135,14 +135,15 @@ def prepare(model: nn.Module, config: DiffqConfigMixin, pre_quantized: bool,
 def finish(model: nn.Module, config: DiffqConfigMixin, pre_quantized: bool) -> DiffqConfigMixin:
     """After the weights load: quantize (weight-only on load) or hook the timestep clock;
     returns a private config that describes the model as it now is (for save_pretrained)."""
+    known = None
     if pre_quantized:
-        verify(model, config.tensors, f"this model's diffq checkpoint ({type(model).__name__})")
+        known = verify(model, config.tensors, f"this model's diffq checkpoint ({type(model).__name__})")
         diffq_state(model).recipe = config.resolved
         attach_clock(model)
     else:
         quantize(model, config.quantize_recipe())
     out = copy.copy(config)
-    for k, v in describe(model).items():
+    for k, v in describe(model, known).items():  # digests just verified are not hashed again
         setattr(out, k, v)
     out.recipe = diffq_state(model).recipe.to_dict()  # the whole recipe: weights / group_size are in it
     out.weights = out.group_size = None
