@@ -46,7 +46,6 @@ from diffq.integrations.pipeline import (
 from diffq.integrations.unet import check_groups, skip_concat_segments
 from diffq.io import (
     check_at_least,
-    check_finite,
     check_output,
     read_prompts,
     write_json,
@@ -108,10 +107,8 @@ def _cache_dir(out: Path) -> Path:
 
 
 def _check(s: CalibrateSettings) -> list[str]:
-    check_at_least("--steps", s.steps)
+    s.check_sampling()
     check_at_least("--num-prompts", s.num_prompts)
-    check_at_least("--batch-size", s.batch_size)
-    check_finite("--guidance", s.guidance)
     check_output(s.out, s.overwrite, (s.model, s.prompts))
     check_pipeline_dir(s.model)
     return read_prompts(s.prompts)[: s.num_prompts]

@@ -24,7 +24,6 @@ from diffq.integrations.pipeline import (
 )
 from diffq.io import (
     check_at_least,
-    check_finite,
     check_output,
     read_prompts,
     require_module,
@@ -48,10 +47,8 @@ class EvalSettings(SamplingSettings):
 def check_settings(s) -> list[str]:
     """Validate the options shared by eval and compare; returns N prompts (cycled)."""
     check_at_least("--num-images", s.num_images)
-    check_at_least("--steps", s.steps)
-    check_at_least("--batch-size", s.batch_size)
-    check_finite("--guidance", s.guidance)
-    check_output(s.out, s.overwrite, (s.model, getattr(s, "quantized", None), s.prompts,
+    s.check_sampling()
+    check_output(s.out, s.overwrite, (s.model, s.quantized, s.prompts,
                                       getattr(s, "calib_prompts", None), s.evaluator, s.real_images,
                                       s.clip_model, s.inception_weights))
     for opt, p in (("--evaluator", s.evaluator), ("--clip-model", s.clip_model),

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffq.assets import shipped
+from diffq.io import check_at_least, check_finite
 
 
 @dataclass
@@ -17,3 +18,9 @@ class SamplingSettings:
     seed: int = 0
     batch_size: int = 16
     overwrite: bool = False
+
+    def check_sampling(self) -> None:
+        """The shared options, each refused in one line when out of range."""
+        check_at_least("--steps", self.steps)
+        check_at_least("--batch-size", self.batch_size)
+        check_finite("--guidance", self.guidance)
