@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from diffq.core.granularity import PerTensor
 from diffq.errors import CheckpointError
 from diffq.io import writing_directory
 from diffq.nn.base import QuantizedLayer
@@ -37,14 +38,15 @@ def _group_key(name: str, layer: nn.Module) -> tuple[str, int | None, bool]:
     if not isinstance(layer, QLinear):
         raise CheckpointError(f"layer {name!r} is a {type(layer).__name__}; compressed-tensors export "
                               "takes Linear layers only")
-    spec = layer.weight_spec
+    layout = layer.weight_layout
     if layer.input_quant is not None or getattr(layer, "input_scale", None) is not None:
         raise CheckpointError(f"layer {name!r} quantizes activations or scales its input; "
                               "compressed-tensors export takes weight-only int8 / int4 layers")
-    if spec.format not in ("int8", "int4") or spec.granularity == "per_tensor":
-        raise CheckpointError(f"layer {name!r} has weights {spec.format}/{spec.granularity}; "
+    if layout.format not in ("int8", "int4") or isinstance(layout.granularity, PerTensor):
+        raise CheckpointError(f"layer {name!r} has {layout.format} weights, "
+                              f"{type(layout.granularity).__name__}; "
                               "compressed-tensors export takes int8 / int4 per_channel or per_group")
-    return (spec.format, spec.group_size if spec.granularity == "per_group" else None, spec.symmetric)
+    return (layout.format, layout.group_size, layout.symmetric)
 
 
 def _tensors(name: str, layer: QLinear, fmt: str, symmetric: bool) -> dict[str, torch.Tensor]:

@@ -16,14 +16,15 @@ from diffq.core.clip import mse_clip_qparams
 from diffq.core.granularity import PerChannel, PerTensor
 from diffq.core.quant import QParams, choose_qparams, dequantize, quantize
 from diffq.core.recipe import WeightSpec
-from diffq.core.weights import _SCALE_DTYPES, QuantizedWeight, pack_codes, storage_format
+from diffq.core.storage import Layout
+from diffq.core.weights import QuantizedWeight
 
 
 def column_groups(spec: WeightSpec, k: int) -> torch.Tensor:
-    """Scale group of each of the k input columns: column // group_size for per-group specs,
+    """Scale group of each of the k input columns: column // group_size for per-group layouts,
     one group for per-channel / per-tensor ones (scales chosen before the first column)."""
-    size = 32 if spec.format == "q8_0" else spec.group_size
-    if spec.granularity != "per_group" and spec.format != "q8_0":
+    size = spec.layout().group_size
+    if size is None:
         return torch.zeros(k, dtype=torch.long)
     if k % size:
         raise ValueError(f"group size {size} does not divide the reduction dimension {k}")
@@ -33,18 +34,16 @@ def column_groups(spec: WeightSpec, k: int) -> torch.Tensor:
 def group_qparams(w: torch.Tensor, spec: WeightSpec) -> QParams:
     """Scale (and zero point) [O, 1] (per-tensor: [1, 1]) for the columns `w` [O, c] of one
     group, rounded to the stored scale dtype so quantizing uses exactly what is saved."""
-    fmt = storage_format(spec)
-    gran = PerTensor() if spec.granularity == "per_tensor" else PerChannel(0)
-    if spec.clip == "mse" and spec.format != "q8_0":
-        qp = mse_clip_qparams(w, fmt, gran, spec.symmetric)
-    else:
-        qp = choose_qparams(w, fmt, gran, spec.symmetric)
-    return QParams(qp.scale.to(_SCALE_DTYPES[spec.scale_dtype]).float(), qp.zero_point)
+    layout = spec.layout()
+    gran = PerTensor() if isinstance(layout.granularity, PerTensor) else PerChannel(0)
+    choose = mse_clip_qparams if spec.clip == "mse" else choose_qparams
+    qp = choose(w, layout.grid, gran, layout.symmetric)
+    return QParams(qp.scale.to(layout.scale_dtype).float(), qp.zero_point)
 
 
 def _round_column(col: torch.Tensor, qp: QParams, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """One column [O] -> (codes [O] unpacked, dequantized values [O] in col's dtype)."""
-    fmt = storage_format(spec)
+    fmt = spec.layout().grid
     q = quantize(col[:, None], qp, fmt, PerTensor())
     return q[:, 0], dequantize(q, qp, fmt, col.dtype)[:, 0]
 
@@ -89,15 +88,13 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
 def _storage(codes: torch.Tensor, qps: list[QParams], spec: WeightSpec,
              shape: tuple[int, ...]) -> QuantizedWeight:
     """Codes [O, K] and per-group params -> diffq's QuantizedWeight (same layout as RTN)."""
-    fmt = storage_format(spec)
+    layout: Layout = spec.layout()
     scale = torch.stack([qp.scale for qp in qps], dim=1)  # [O|1, G, 1]
     zps = [qp.zero_point for qp in qps]
     zp = None if zps[0] is None else torch.stack(zps, dim=1)
-    if spec.granularity != "per_group" and spec.format != "q8_0":  # [O|1, 1] like RTN
+    if layout.group_size is None:  # [O|1, 1] like RTN
         scale, zp = scale[:, 0], None if zp is None else zp[:, 0]
-    scale = scale.to(_SCALE_DTYPES[spec.scale_dtype])
-    zp = None if zp is None else zp.to(torch.int8)
-    return QuantizedWeight(pack_codes(codes, fmt), scale, zp, spec, shape)
+    return QuantizedWeight.from_codes(codes, scale, zp, layout, shape)
 
 
 @torch.no_grad()
@@ -129,10 +126,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, block_si
     w = w[:, perm].contiguous()
     u = _inverse_cholesky(h[perm][:, perm])
     gid = groups[perm].tolist()
-    fmt = storage_format(spec)
-    # unpacked codes: int8 for integer grids, uint8 code indices for nf4, float8 itself for fp8
-    codes = torch.empty(w.shape, dtype={"int": torch.int8, "lut": torch.uint8}.get(fmt.kind, fmt.storage),
-                        device=w.device)
+    codes = torch.empty(w.shape, dtype=spec.layout().storage.code_dtype, device=w.device)
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)

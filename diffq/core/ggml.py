@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from diffq.core.formats import get_format
+from diffq.core.granularity import PerGroup
+from diffq.core.storage import Layout, StorageFormat, register_format
+from diffq.errors import RecipeError
+
 QK8_0 = 32
 BLOCK_BYTES = 2 + QK8_0
 
@@ -44,3 +49,24 @@ def from_gguf_bytes(buf: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     d = raw[:, :2].contiguous().view(torch.float16)
     codes = raw[:, 2:].contiguous().view(torch.int8)
     return codes, d
+
+
+class Q8_0(StorageFormat):
+    """q8_0 as a diffq storage format: int8 codes, per-group 32, symmetric, fp16 scales,
+    rounded as ggml rounds (with the fp32 d, half away from zero), so the codes equal GGUF's."""
+
+    def check(self, spec) -> None:
+        if spec.granularity != "per_group" or spec.group_size != QK8_0 or not spec.symmetric:
+            raise RecipeError("weights.format 'q8_0' is per_group with group_size 32, symmetric")
+        if spec.clip != "none":
+            raise RecipeError("weights.format 'q8_0' rounds as ggml does: weights.clip must be 'none'")
+
+    def layout(self, spec) -> Layout:
+        return Layout(self.name, PerGroup(QK8_0), torch.float16, True)
+
+    def round(self, w, layout, clip="none"):
+        codes, d = quantize_q8_0(w)
+        return codes.reshape(w.shape), d, None
+
+
+register_format(Q8_0("q8_0", get_format("int8")))

@@ -11,6 +11,7 @@ import yaml
 
 from diffq.core.config import from_dict, to_dict
 from diffq.core.granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
+from diffq.core.storage import Layout, storage_format
 from diffq.errors import RecipeError
 
 WeightFormat = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4", "q8_0"]
@@ -55,20 +56,17 @@ class WeightSpec:
     def validate(self) -> None:
         if self.gptq is not None and self.method != "gptq":
             raise RecipeError(f"weights.gptq is set but weights.method is {self.method!r}")
-        if self.format == "q8_0" and (
-            self.granularity != "per_group" or self.group_size != 32 or not self.symmetric
-        ):
-            raise RecipeError("weights.format 'q8_0' is per_group with group_size 32, symmetric")
-        if not self.symmetric and self.format.startswith(("fp8", "nf4")):
-            raise RecipeError(f"weights.format {self.format!r} cannot be asymmetric")
         if self.group_size <= 0 or self.group_size % 2:
             raise RecipeError(f"weights.group_size must be a positive even number, got {self.group_size}")
-        if self.format == "nf4" and self.granularity != "per_group":
-            raise RecipeError("weights.format 'nf4' needs granularity 'per_group'")
+        storage_format(self.format).check(self)
+
+    def layout(self) -> Layout:
+        """How weights under this spec are stored (the format may pin some fields)."""
+        return storage_format(self.format).layout(self)
 
     @property
     def bits(self) -> int:
-        return 4 if self.format in ("int4", "nf4") else 8
+        return self.layout().bits
 
     def gptq_options(self) -> GPTQOptions:
         return self.gptq or GPTQOptions()

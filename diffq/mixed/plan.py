@@ -11,23 +11,12 @@ from diffq.errors import RecipeError
 from diffq.mixed.allocate import allocate
 from diffq.mixed.sensitivity import FLOAT_BITS, SensitivityTable
 
-_SCALE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
 
 def storage_bytes(shape: tuple[int, ...], spec: WeightSpec | None) -> int:
-    """Bytes a [O, ...] weight takes: bf16 when float, else codes + scales (+ zero points)."""
-    out, k = shape[0], 1
-    for d in shape[1:]:
-        k *= d
-    if spec is None:
-        return out * k * 2
-    codes = out * k * spec.bits // 8
-    if spec.format == "q8_0":
-        return codes + out * (k // 32) * 2
-    groups = {"per_tensor": 1, "per_channel": out, "per_group": out * (k // spec.group_size)}
-    n_scales = groups[spec.granularity]
-    zp = 0 if spec.symmetric else n_scales
-    return codes + n_scales * _SCALE_BYTES[spec.scale_dtype] + zp
+    """Bytes a [O, ...] weight takes: bf16 when float, else its layout's codes + scales
+    (+ zero points)."""
+    out, k = shape[0], math.prod(shape[1:])
+    return out * k * 2 if spec is None else spec.layout().nbytes(out, k)
 
 
 def fit_group(spec: WeightSpec, k: int) -> WeightSpec | None:

@@ -22,13 +22,15 @@ class QuantizedLayer(nn.Module):
 
     def _init_quantized(
         self,
+        spec: WeightSpec,
         qw: QuantizedWeight,
         bias: torch.Tensor | None,
         act: ActivationSpec | None,
         segments: list[int],
         input_scale: torch.Tensor | None = None,
     ) -> None:
-        self.weight_spec = qw.spec
+        self.weight_spec = spec  # the recipe's words, kept for describe(); storage is qw.layout
+        self.weight_layout = qw.layout
         self.weight_shape = qw.shape
         self.backend = "auto"  # "reference" forces the dequantize-and-float path
         self.kernel_cache: dict = {}  # prepacked weights of fast backends; rebuilt on demand
@@ -60,18 +62,15 @@ class QuantizedLayer(nn.Module):
             if prepared.shape != tuple(weight.shape):
                 raise ValueError(f"prepared weight shape {prepared.shape} != layer {tuple(weight.shape)}")
             return prepared
-        if not empty:
-            return quantize_weight(weight, spec)
-        # Same storage shapes without the cost of quantizing: run on the meta device, then zeros.
-        meta = quantize_weight(torch.empty(weight.shape, device="meta"), spec)
-        z = lambda t: None if t is None else torch.zeros(t.shape, dtype=t.dtype)  # noqa: E731
-        return QuantizedWeight(z(meta.data), z(meta.scale), z(meta.zero_point), spec, meta.shape)
+        if empty:  # storage of the right shapes, filled by loading a state dict
+            return QuantizedWeight.empty(spec.layout(), tuple(weight.shape))
+        return quantize_weight(weight, spec)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(
             self.qweight, self.weight_scale, getattr(self, "weight_zero_point", None),
-            self.weight_spec, self.weight_shape,
+            self.weight_layout, self.weight_shape,
         )
 
     def act_params(self):

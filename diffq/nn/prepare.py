@@ -10,9 +10,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from diffq.algos.awq import awq_clip, awq_search
-from diffq.algos.gptq import gptq
 from diffq.algos.hessian import rescale_hessian
+from diffq.algos.methods import weight_method
 from diffq.algos.smoothquant import smooth_scales, smooth_search, smooth_weight
 from diffq.calib.hessian import InputStats, hessian_problem
 from diffq.core.recipe import LayerPlan
@@ -40,19 +39,20 @@ def _smooths(module: nn.Module, plan: LayerPlan) -> bool:
 
 
 def input_needs(module: nn.Module, plan: LayerPlan) -> tuple[bool, int] | None:
-    """(needs the Hessian, sample rows to keep) for a layer whose plan uses GPTQ, AWQ or
-    smoothing, None for plain RTN layers. Raises RecipeError for unsupported combinations."""
+    """(needs the Hessian, sample rows to keep) for a layer whose plan uses a calibrated weight
+    method or smoothing, None for plain RTN layers. Raises RecipeError for unsupported combinations."""
     w, a = plan.weights, plan.activations
-    if w.method == "awq" and a is not None and (a.mode == "static" or a.smoothing != "none"):
-        raise RecipeError("weights.method 'awq' scales the layer input: it needs activations none "
-                          "or dynamic without smoothing")
+    method = weight_method(w.method)
+    if method.search_scales is not None and a is not None and (a.mode == "static" or a.smoothing != "none"):
+        raise RecipeError(f"weights.method {w.method!r} scales the layer input: it needs activations "
+                          "none or dynamic without smoothing")
     if is_outlier_plan(module, plan):
-        if w.method != "rtn":
+        if method.needs_hessian:
             raise RecipeError("activations.outlier_threshold works with weights.method 'rtn'")
         return False, 0  # max |x| per channel only
-    if w.method == "rtn" and (a is None or a.smoothing == "none"):
+    if not method.needs_hessian and (a is None or a.smoothing == "none"):
         return None
-    hessian = w.method != "rtn" and hessian_problem(module) is None
+    hessian = method.needs_hessian and hessian_problem(module) is None
     # the layers an algorithm cannot handle still pass through prepare_layer, which says why
     return hessian, 512 if _smooths(module, plan) and a.smooth_alpha is None else 0
 
@@ -90,26 +90,20 @@ def prepare_layer(module: nn.Module, plan: LayerPlan, stats: InputStats | None) 
         notes.append(f"smoothquant α={alpha:.2f}")
     elif plan.activations is not None and plan.activations.smoothing != "none":
         notes.append("no smoothing (Linear only)")
+    method = weight_method(spec.method)
     problem = hessian_problem(module)
-    if spec.method != "rtn" and problem:
+    if method.needs_hessian and problem:
         notes.append(f"rtn: {spec.method} needs a Linear or groups=1 Conv2d ({problem})")
     h = None if stats is None or stats.hessian is None else stats.hessian
-    if spec.method == "awq" and h is not None:
-        s, alpha = awq_search(weight, h, _columns(module, stats.mean_abs), spec)
+    if method.search_scales is not None and h is not None:
+        s, note = method.search_scales(weight, h, _columns(module, stats.mean_abs), spec)
         s = s[:: _taps(module)]  # the search saw every column; the scale is per channel
-        notes.append(f"awq α={alpha:.2f}")
+        notes.append(note)
     if s is not None:
         weight = smooth_weight(weight.double(), s).float()
         h = None if h is None else rescale_hessian(h, _columns(module, s))
-    if spec.method == "gptq" and h is not None:
-        o = spec.gptq_options()
-        qw = gptq(weight, h, spec, o.block_size, o.act_order, o.static_groups, o.damp)
-        notes.append("gptq")
-    elif spec.method == "awq" and h is not None and spec.clip == "mse":
-        clipped = awq_clip(weight, h, spec).reshape(weight.shape).float()
-        qw = replace(quantize_weight(clipped, replace(spec, clip="none")), spec=spec)
-    else:
-        qw = quantize_weight(weight, spec)
+    qw, note = method.round(weight, h, spec)
+    notes += [note] if note else []
     inv = None if s is None else (1.0 / s).float()
     return PreparedLayer(qw, inv, ", ".join(notes))
 

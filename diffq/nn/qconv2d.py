@@ -25,7 +25,7 @@ class QConv2d(QuantizedLayer):
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         qw = self._quantize_or_shape(conv.weight, weights, empty, qweight)
-        self._init_quantized(qw, conv.bias, activations, segments or [conv.in_channels],
+        self._init_quantized(weights, qw, conv.bias, activations, segments or [conv.in_channels],
                              input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ class QLinear(QuantizedLayer):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         qw = self._quantize_or_shape(linear.weight, weights, empty, qweight)
-        self._init_quantized(qw, linear.bias, activations, segments or [linear.in_features],
+        self._init_quantized(weights, qw, linear.bias, activations, segments or [linear.in_features],
                              input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

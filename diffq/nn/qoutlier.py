@@ -42,7 +42,7 @@ class QLinearOutlier(QuantizedLayer):
             # the int8 part must not see the outlier columns: they would set its scales
             qweight = quantize_weight(w.index_fill(1, idx[used], 0.0), weights)
         qw = self._quantize_or_shape(linear.weight, weights, empty, qweight)
-        self._init_quantized(qw, linear.bias, activations, [linear.in_features])
+        self._init_quantized(weights, qw, linear.bias, activations, [linear.in_features])
         self.register_buffer("outlier_index", idx.clone())
         self.register_buffer("outlier_weight", ow.half())
 
