@@ -35,9 +35,12 @@ HF_TENSOR_FILES = ("diffusion_pytorch_model.safetensors", TENSOR_FILE)
 # layer's `weight` name turns that into its hard size-mismatch error, and its load report lists
 # NOTICE_KEY, which says what to install. diffq itself drops both on load.
 NOTICE_KEY = ("diffq_quantized_checkpoint.pip_install_diffq_toolkit"
-              ".and_import_diffq_before_from_pretrained")
-# written before the distribution was renamed (the PyPI "diffq" is another project)
-_OLD_NOTICE_KEY = "diffq_quantized_checkpoint.pip_install_diffq.and_import_diffq_before_from_pretrained"
+              ".and_call_diffq_register_before_from_pretrained")
+# written by earlier versions (before the rename, and when `import diffq` registered)
+_OLD_NOTICE_KEYS = (
+    "diffq_quantized_checkpoint.pip_install_diffq.and_import_diffq_before_from_pretrained",
+    "diffq_quantized_checkpoint.pip_install_diffq_toolkit.and_import_diffq_before_from_pretrained",
+)
 
 
 def unloadable_markers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,7 +54,7 @@ def unloadable_markers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def marker_names(layers) -> set[str]:
     """Every name `unloadable_markers` may write, for a model with these quantized layers."""
-    return {f"{n}.weight" for n in layers} | {NOTICE_KEY, _OLD_NOTICE_KEY}
+    return {f"{n}.weight" for n in layers} | {NOTICE_KEY, *_OLD_NOTICE_KEYS}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,14 +1,12 @@
 """The one place that picks a library adapter: mark a model quantized by `diffq.quantize` /
 `diffq.load` as diffq-quantized for its library's `save_pretrained`, and register diffq's
-quantizer with diffusers / transformers. Imports `hf_diffusers` / `hf_transformers` (and so
-the libraries) only for a model or registry of that library."""
+quantizer with diffusers / transformers when asked to (`diffq.register()`). Imports
+`hf_diffusers` / `hf_transformers` (and so the libraries) only for a model of that library or
+on registration."""
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.util
-import sys
-import warnings
 
 from torch import nn
 
@@ -40,46 +38,37 @@ def attach(model: nn.Module) -> nn.Module:
     return model
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs `register` right after the module `name` has been executed (a post-import hook),
-    so `import diffq` does not import diffusers / transformers itself."""
+class Registration:
+    """The entries `register` added to the libraries' quantizer registries. `close()` (or the
+    end of a `with` block) removes them again; entries that were there before are left alone."""
 
-    def __init__(self, name: str, register_module: str) -> None:
-        self.name, self.register_module, self._spec = name, register_module, None
+    def __init__(self, added: list[tuple[dict, str]]) -> None:
+        self.added = added
 
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name or self._spec is not None:
-            return None
-        others = [f for f in sys.meta_path if f is not self]
-        for finder in others:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None:
-                self._spec = spec
-                return importlib.util.spec_from_loader(fullname, self, origin=spec.origin)
-        return None
+    def close(self) -> None:
+        for mapping, key in self.added:
+            mapping.pop(key, None)
+        self.added = []
 
-    def create_module(self, spec):
-        return self._spec.loader.create_module(self._spec)
+    def __enter__(self) -> Registration:
+        return self
 
-    def exec_module(self, module) -> None:
-        module.__spec__ = self._spec
-        module.__loader__ = self._spec.loader
-        module.__file__ = self._spec.origin
-        self._spec.loader.exec_module(module)
-        sys.meta_path.remove(self)
-        try:
-            importlib.import_module(self.register_module).register()
-        except Exception as e:  # a registration bug must not break `import diffusers`
-            warnings.warn(f"diffq could not register its quantizer ({self.register_module}): {e}",
-                          stacklevel=2)
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def install() -> None:
-    """Register diffq with diffusers and transformers now if imported, else right after."""
-    for lib, registry in (("diffusers", "diffusers.quantizers.auto"),
-                          ("transformers", "transformers.quantizers.auto")):
-        module = f"diffq.integrations.hf_{lib}"
-        if registry in sys.modules:
-            importlib.import_module(module).register()
-        elif not any(isinstance(f, _RegisterAfterImport) and f.name == registry for f in sys.meta_path):
-            sys.meta_path.insert(0, _RegisterAfterImport(registry, module))
+def register(libraries: tuple[str, ...] = _LIBRARIES) -> Registration:
+    """Add quant_method "diffq" to the quantizer registries of diffusers and transformers (each
+    that is installed), so their `from_pretrained` loads diffq checkpoints and takes
+    `quant_backend="diffq"`. Idempotent. `with diffq.register(): ...` undoes it on exit."""
+    added: list[tuple[dict, str]] = []
+    for lib in libraries:
+        if importlib.util.find_spec(lib) is None:
+            continue
+        module = importlib.import_module(f"diffq.integrations.hf_{lib}")
+        auto = importlib.import_module(f"{lib}.quantizers.auto")
+        maps = (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, auto.AUTO_QUANTIZER_MAPPING)
+        before = [module.QUANT_METHOD in m for m in maps]
+        module.register()
+        added += [(m, module.QUANT_METHOD) for m, had in zip(maps, before, strict=True) if not had]
+    return Registration(added)

@@ -61,12 +61,16 @@ def _recipe_from(recipe: str | dict | None, weights: str | None, group_size: int
 class DiffqConfigMixin:
     """What both libraries' configs share. Quantize on load: `recipe` (a built-in name,
     "w8", "w4g64", ...) or `weights` ("int8", "int4", "nf4", "fp8", "q8_0"); a checkpoint's
-    config also carries `layers` (diffq.json's per-layer table) and `format_version`."""
+    config also carries `layers` (diffq.json's per-layer table) and `format_version`.
+    Subclasses define `register_quantizer` (their library's entries): a config registers on
+    construction, so `from_pretrained(quantization_config=DiffqConfig(...))` needs no
+    `diffq.register()`."""
 
     def __init__(self, recipe: str | dict | None = None, weights: str | None = None,
                  group_size: int | None = None, modules_to_not_convert: list[str] | None = None,
                  layers: dict | None = None, format_version: int | None = None,
                  diffq_version: str | None = None, tensors: dict | None = None, **kwargs: Any):
+        self.register_quantizer()  # a diffq config is only usable with diffq's quantizer registered
         kwargs.pop("quant_method", None)
         kwargs.pop("note", None)
         if kwargs:
@@ -103,7 +107,7 @@ class DiffqConfigMixin:
             d["layers"] = self.layers
             if self.tensors is not None:
                 d["tensors"] = self.tensors
-            d["note"] = ("quantized with diffq: pip install diffq-toolkit, then import diffq before "
+            d["note"] = ("quantized with diffq: pip install diffq-toolkit, then call diffq.register() before "
                          "from_pretrained")
         return copy.deepcopy(d)
 

@@ -16,6 +16,10 @@ class DiffqConfig(DiffqConfigMixin, QuantizationConfigMixin):
     """`from_pretrained(..., quantization_config=DiffqConfig(weights="int8"))` for diffusers
     models; `DiffqConfig(recipe="w4g64")` takes any weight-only diffq recipe."""
 
+    @staticmethod
+    def register_quantizer() -> None:
+        register()
+
 
 def _storage(model: torch.nn.Module, name: str) -> tuple[QuantizedLayer, str] | None:
     """(quantized layer, tensor name) when `name` is diffq storage (codes, scales, tables)."""

@@ -23,6 +23,10 @@ def _ignore_markers(model: nn.Module, layers: dict) -> None:
 class DiffqTransformersConfig(DiffqConfigMixin, QuantizationConfigMixin):
     """The transformers twin of `DiffqConfig` (same arguments), e.g. for text encoders and LLMs."""
 
+    @staticmethod
+    def register_quantizer() -> None:
+        register()
+
 
 class DiffqHfQuantizer(HfQuantizer):
     """Quantize weights on load, or load a diffq checkpoint written by save_pretrained. The

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from diffq.assets import check_exists
 from diffq.checkpoint import META_FILE, load
 from diffq.errors import CheckpointError, InputError
+from diffq.integrations.adapters import register
 
 QUANTIZABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
@@ -45,12 +46,13 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True):
-    """A diffusers pipeline from a local directory, with its sampling progress bar off."""
+    """A diffusers pipeline from a local directory (diffq-quantized components included), with
+    its sampling progress bar off."""
     path = check_pipeline_dir(path)
     from diffusers import DiffusionPipeline
 
     try:
-        with library_progress_bars(progress):
+        with library_progress_bars(progress), register():  # diffq components load as such
             pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)

@@ -26,6 +26,7 @@ class ActivationQuantizer(nn.Module):
         self.segments = list(segments)
         self.clock: TimestepClock | None = None
         self.name = ""
+        self._bounds: tuple = (None, [])
         if spec.mode == "static":
             k, s = spec.timestep_groups, len(self.segments)
             self.register_buffer("scale", torch.ones(k, s))
@@ -50,7 +51,14 @@ class ActivationQuantizer(nn.Module):
                 f"layer {self.name!r} has {k} timestep groups but no timestep reached it; call "
                 "the quantized model itself (its pre-hook reads the timestep) or pass timestep_of"
             )
-        return bisect.bisect_right(self.boundaries.tolist(), t)
+        return bisect.bisect_right(self._host_boundaries(), t)
+
+    def _host_boundaries(self) -> list[float]:
+        """The boundaries as Python floats, read from the device once per table (not per call)."""
+        key = (self.boundaries.data_ptr(), self.boundaries._version)
+        if self._bounds[0] != key:
+            self._bounds = (key, self.boundaries.tolist())
+        return self._bounds[1]
 
     def params(self) -> ActQuant:
         fmt = get_format(self.spec.format)

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from diffq.core.formats import get_format
+from diffq.core.granularity import PerTensor, PerToken
+from diffq.core.quant import QParams, choose_qparams, quantize
+from diffq.core.storage import SCALE_DTYPES
+
+_INT8 = get_format("int8")
 
 
 @dataclass
@@ -23,12 +28,11 @@ class Int8KV:
 
 
 def quantize_kv(x: torch.Tensor, scale_dtype: str = "float32") -> Int8KV:
-    """x [B, H, T, D] -> int8 codes with per-(b, h, t) scales max|x| / 127 (1 for all-zero rows)."""
-    xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(_SCALE_DTYPES[scale_dtype])
-    codes = torch.round(xf / scale.float()).clamp(-127, 127).to(torch.int8)
-    return Int8KV(codes, scale)
+    """x [B, H, T, D] -> int8 codes with per-(b, h, t) scales max|x| / 127 (1 for all-zero rows),
+    rounded with the scale as stored."""
+    qp = choose_qparams(x, _INT8, PerToken(-1))
+    scale = qp.scale.to(SCALE_DTYPES[scale_dtype])
+    return Int8KV(quantize(x, QParams(scale.float()), _INT8, PerTensor()), scale)
 
 
 def dequantize_kv(q: Int8KV, dtype: torch.dtype = torch.float32) -> torch.Tensor:

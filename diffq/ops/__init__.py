@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from diffq.core.granularity import PerChannel, PerGroup, PerTensor
 from diffq.core.weights import QuantizedWeight
 from diffq.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels; no triton import)
 from diffq.ops import library, onednn, reference
@@ -23,8 +22,8 @@ quantize_activation = reference.quantize_activation
 
 def _int8_per_channel(weight: QuantizedWeight) -> bool:
     """Symmetric int8 with one scale per output channel (or tensor): what the kernels take."""
-    return (weight.spec.format == "int8" and weight.zero_point is None
-            and isinstance(weight.spec.granularity_obj(), (PerChannel, PerTensor)))
+    layout = weight.layout
+    return layout.format == "int8" and layout.symmetric and layout.group_size is None
 
 
 def _w8a8(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
@@ -35,13 +34,14 @@ def _w8a8(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backen
             and act.zero_point is None and _int8_per_channel(weight))
 
 
-def _segment_scales(act: ActQuant, channels: int) -> tuple[list[float], list[int]]:
-    scale = act.scale.reshape(-1)
+def _segment_scales(act: ActQuant, channels: int) -> tuple[torch.Tensor, list[int]]:
+    """One fp32 scale per channel segment [S] on the scale's device (no host round trip)."""
+    scale = act.scale.reshape(-1).float()
     if scale.numel() == 1:
-        return [float(scale)], [channels]
+        return scale, [channels]
     segments = list(act.segments)
     starts = [sum(segments[:i]) for i in range(len(segments))]
-    return [float(scale[s]) for s in starts], segments
+    return scale[starts], segments
 
 
 def _w_scale(weight: QuantizedWeight, cache: dict | None, dtype=torch.float32) -> torch.Tensor:
@@ -75,11 +75,10 @@ def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, b
 
 
 def _w4_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
-    g = weight.spec.granularity_obj()
     return (backend == "auto" and act is None and x.device.type == "cpu"
             and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
-            and weight.spec.format == "int4" and isinstance(g, PerGroup)
-            and g.group_size in (32, 64, 128, 256) and weight.shape[0] % 16 == 0)  # kernel limits
+            and weight.layout.format == "int4" and weight.layout.group_size in (32, 64, 128, 256)
+            and weight.shape[0] % 16 == 0)  # kernel limits
 
 
 def _int4_pack(weight: QuantizedWeight, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +100,7 @@ def _int4_pack(weight: QuantizedWeight, cache: dict | None) -> tuple[torch.Tenso
 
 def _w4a16(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
     return (backend == "auto" and act is None and x.device.type == "cuda"
-            and weight.spec.format == "int4" and isinstance(weight.spec.granularity_obj(), PerGroup))
+            and weight.layout.format == "int4" and weight.layout.group_size is not None)
 
 
 def linear(
@@ -117,16 +116,16 @@ def linear(
         return y if bias is None else y + bias.to(x.dtype)
     if _w4_decode(x, weight, act, backend):
         packed, sz = _int4_pack(weight, cache)
-        g = weight.spec.granularity_obj().group_size
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed, g, sz)
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed,
+                                              weight.layout.group_size, sz)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias.to(x.dtype)
     if _w4a16(x, weight, act, backend):
         return library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point, bias,
-                                    weight.spec.granularity_obj().group_size)
+                                    weight.layout.group_size)
     if not _w8a8(weight, act, x, backend):
         return reference.linear(x, weight, bias, act)
-    (xs,), _ = _segment_scales(act, x.shape[-1])
+    xs, _ = _segment_scales(act, x.shape[-1])
     packed = None
     if _fast(x, cache, backend):
         key = ("linear", weight.data.data_ptr())
@@ -161,7 +160,7 @@ def conv2d(
         # the kernel call passes the scale again (checked against the reference in tests).
         key = ("conv", tuple(segments), weight.data.data_ptr())
         if key not in cache:
-            cache[key] = onednn.pack_conv(w4, w_scale, scales, segments, stride, padding,
+            cache[key] = onednn.pack_conv(w4, w_scale, scales.tolist(), segments, stride, padding,
                                           dilation, groups)
         packs = cache[key]
     elif x.device.type == "cuda" and cache is not None and groups == 1:

@@ -2,8 +2,8 @@
 CUDA call so that `import diffq` never imports triton. What a kernel does not cover (grouped
 convs, fp32 W4A16 activations, a machine without triton) runs the pure-torch reference.
 
-The W8A8 op schemas take activation scales as Python floats, so each call copies them to the
-device; the kernels themselves also read scales from device tensors (timestep-group tables).
+The W8A8 op schemas take activation scales as fp32 device tensors, which the kernels read
+directly: no host-device copy or sync per call.
 """
 from __future__ import annotations
 
@@ -46,8 +46,7 @@ def _w8a8_conv2d_cuda(x, qweight, w_scale, bias, x_scales, segments, stride, pad
     from diffq.kernels import int8_conv
 
     w_ohwi = packed[0] if packed else qweight.permute(0, 2, 3, 1).contiguous()
-    xs = torch.tensor(x_scales, dtype=torch.float32).to(x.device, non_blocking=True)
-    return int8_conv.w8a8_conv2d(x, w_ohwi, w_scale, bias, xs, segments, stride, padding, dilation)
+    return int8_conv.w8a8_conv2d(x, w_ohwi, w_scale, bias, x_scales, segments, stride, padding, dilation)
 
 
 @library.w4a16_linear.register_kernel("cuda")

@@ -3,8 +3,9 @@ implementation (any device; what CPU runs unless noted), a fake implementation s
 `torch.compile` can trace through quantized models, and device kernels: oneDNN int8 on CPU
 for the W8A8 ops when a prepacked weight is passed (here), Triton on CUDA (`diffq.ops.cuda`).
 
-Static per-tensor activation scales are passed per channel segment (`x_scales`, `segments`):
-a UNet layer that consumes cat(h, skip) quantizes each half with its own scale.
+Static per-tensor activation scales are passed as fp32 tensors on x's device, one per channel
+segment (`x_scales` [S], `segments`): a UNet layer that consumes cat(h, skip) quantizes each
+half with its own scale. Tensors, not Python floats, so that a call never waits on the device.
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from torch import Tensor
 from diffq.ops import onednn, reference
 
 
-def _qdq(x: Tensor, scales: list[float], segments: list[int], axis: int) -> Tensor:
+def _qdq(x: Tensor, scales: Tensor, segments: list[int], axis: int) -> Tensor:
     """Quantize to symmetric int8 per channel segment and back (the reference grid)."""
-    parts = torch.split(x, segments, dim=axis) if len(segments) > 1 else (x,)
-    out = [torch.round(p.float() / s).clamp_(-128, 127).mul_(s).to(x.dtype)
-           for p, s in zip(parts, scales, strict=True)]
-    return out[0] if len(out) == 1 else torch.cat(out, dim=axis)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    s = reference.per_channel_scales(scales.reshape(-1).float(), segments).reshape(shape)
+    return reference.int8_codes(x.float(), s).float().mul_(s).to(x.dtype)
 
 
 def _dequant_weight(qweight: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -31,7 +32,7 @@ def _dequant_weight(qweight: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Ten
 def linear_reference(x, qweight, w_scale, bias, x_scale):
     """The W8A8 linear in x's dtype: quantize-dequantize x, dequantize W, F.linear."""
     b = None if bias is None else bias.to(x.dtype)
-    return F.linear(_qdq(x, [x_scale], [x.shape[-1]], -1), _dequant_weight(qweight, w_scale, x.dtype), b)
+    return F.linear(_qdq(x, x_scale, [x.shape[-1]], -1), _dequant_weight(qweight, w_scale, x.dtype), b)
 
 
 def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation, groups):
@@ -43,8 +44,8 @@ def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padd
 
 @torch.library.custom_op("diffq::w8a8_linear", mutates_args=())
 def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
-                x_scale: float, packed: Tensor | None = None) -> Tensor:
-    """y = dq(q(x)) @ dq(W)^T + b; x [..., K], qweight int8 [N, K], w_scale [N]."""
+                x_scale: Tensor, packed: Tensor | None = None) -> Tensor:
+    """y = dq(q(x)) @ dq(W)^T + b; x [..., K], qweight int8 [N, K], w_scale [N], x_scale [1]."""
     # oneDNN here rather than in a "cpu" kernel: the packed weight is an MkldnnCPU tensor, so
     # dispatch would pick this default implementation over a kernel registered for CPU.
     if packed is not None and x.device.type == "cpu":
@@ -59,7 +60,7 @@ def _w8a8_linear_fake(x, qweight, w_scale, bias, x_scale, packed=None):
 
 @torch.library.custom_op("diffq::w8a8_conv2d", mutates_args=())
 def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
-                x_scales: list[float], segments: list[int], stride: list[int],
+                x_scales: Tensor, segments: list[int], stride: list[int],
                 padding: list[int], dilation: list[int], groups: int,
                 packed: list[Tensor]) -> Tensor:
     """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `packed`:

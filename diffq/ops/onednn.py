@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffq.ops import reference
+
 _U8_ZP = 128
 
 
@@ -87,14 +89,17 @@ def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments:
 
 
 def _quantize_u8(x: Tensor, scale: float) -> Tensor:
-    return torch.round(x.float() / scale).add_(_U8_ZP).clamp_(0, 255).to(torch.uint8)
+    """oneDNN's u8 input (zero point 128) is diffq's int8 code + 128: flip the sign bit."""
+    q = reference.int8_codes(x, torch.tensor(scale, dtype=torch.float32))
+    return q.view(torch.uint8).bitwise_xor_(0x80)
 
 
 def _zeros(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int32)
 
 
-def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: float) -> Tensor:
+def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Tensor) -> Tensor:
+    x_scale = float(x_scale)  # a CPU tensor: reading it costs no device sync
     split = saturates()
     b = None if bias is None or split else bias.float()
     scales = _scales(w_scale)
@@ -107,8 +112,9 @@ def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: flo
     return y if bias is None else y.add_(bias.to(y.dtype))
 
 
-def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: list[float],
+def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: Tensor,
                   segments: list[int], stride, padding, dilation, groups: int) -> Tensor:
+    x_scales = x_scales.tolist()  # CPU: no device sync
     out, start = None, 0
     split = saturates()
     scales = _scales(w_scale, groups)

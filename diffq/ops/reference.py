@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from diffq.core.formats import get_format
 from diffq.core.granularity import PerTensor, PerToken
 from diffq.core.pack import unpack_int4
-from diffq.core.quant import QParams, choose_qparams, dequantize, quantize
+from diffq.core.quant import QParams, choose_qparams, dequantize, fake_quantize, quantize
 from diffq.core.weights import QuantizedWeight
 from diffq.ops.types import ActQuant
+
+_INT8 = get_format("int8")
 
 
 def _feature_shape(x: torch.Tensor, axis: int, v: torch.Tensor) -> torch.Tensor:
@@ -56,17 +58,21 @@ def per_channel_scales(scale: torch.Tensor, segments: list[int]) -> torch.Tensor
     return torch.cat([s[i:i + 1].expand(n) for i, n in enumerate(segments)])
 
 
+def int8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 codes of x with a broadcastable fp32 `scale`: diffq's one activation grid."""
+    return quantize(x, QParams(scale), _INT8, PerTensor())
+
+
 def quantize_act(x: torch.Tensor, scale: torch.Tensor | None,
                  segments: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of x [..., C] and the scales that dequantize them: static with one
     scale per channel segment (`scale` [S]; returned per channel, [C]), or dynamic per token
     when `scale` is None (returned [..., 1])."""
-    int8 = get_format("int8")
     if scale is None:
-        s = choose_qparams(x, int8, PerToken(-1)).scale
+        s = choose_qparams(x, _INT8, PerToken(-1)).scale
     else:
         s = per_channel_scales(scale, segments)
-    return quantize(x, QParams(s), int8, PerTensor()).contiguous(), s
+    return int8_codes(x, s).contiguous(), s
 
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -87,10 +93,8 @@ def _qdq_row_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     b, h, length, d = x.shape
     n = -(-length // block)
     xb = F.pad(x, (0, 0, 0, n * block - length)).reshape(b, h, n, block * d)
-    scale = xb.abs().amax(dim=-1, keepdim=True) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xb / scale).clamp(-128, 127)
-    return (q * scale).reshape(b, h, n * block, d)[:, :, :length]
+    return fake_quantize(xb, choose_qparams(xb, _INT8, PerToken(-1)), _INT8, PerTensor()
+                         ).reshape(b, h, n * block, d)[:, :, :length]
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,

@@ -23,6 +23,31 @@ MODEL = ROOT / "samples" / "tiny-sd"
 PROMPTS = ["a red circle", "a green triangle"]
 
 
+@pytest.fixture(autouse=True)
+def registered():
+    """What a user of the drop-in does once: register diffq's backend (undone after each test)."""
+    with diffq.register():
+        yield
+
+
+def test_import_changes_no_registry_and_register_is_undone_on_exit():
+    code = ("import diffq\n"
+            "from diffusers.quantizers import auto as d\n"
+            "from transformers.quantizers import auto as t\n"
+            "maps = (d.AUTO_QUANTIZER_MAPPING, d.AUTO_QUANTIZATION_CONFIG_MAPPING,\n"
+            "        t.AUTO_QUANTIZER_MAPPING, t.AUTO_QUANTIZATION_CONFIG_MAPPING)\n"
+            "print(['diffq' in m for m in maps])\n"
+            "with diffq.register() as r:\n"
+            "    print(['diffq' in m for m in maps], len(r.added))\n"
+            "    with diffq.register() as inner:  # idempotent: the outer registration owns them\n"
+            "        print(len(inner.added))\n"
+            "    print(['diffq' in m for m in maps])\n"
+            "print(['diffq' in m for m in maps])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split("\n")[:5] == ["[False, False, False, False]", "[True, True, True, True] 4", "0",
+                                        "[True, True, True, True]", "[False, False, False, False]"]
+
+
 def images(pipe, steps: int = 3):
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in range(len(PROMPTS))]
@@ -148,9 +173,9 @@ def test_mismatched_shapes_are_refused(calibrated, tmp_path):
         UNet2DConditionModel.from_pretrained(tmp_path / "unet")
 
 
-def test_without_diffq_imported_the_error_names_diffq(calibrated):
+def test_without_diffq_registered_the_error_names_diffq(calibrated):
     _, out = calibrated
-    code = ("from diffusers import UNet2DConditionModel\n"
+    code = ("import diffq\nfrom diffusers import UNet2DConditionModel\n"
             f"UNet2DConditionModel.from_pretrained({str(out / 'unet')!r})\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode != 0
@@ -170,13 +195,13 @@ def test_transformers_checkpoint_without_diffq_fails_and_says_what_to_install(tm
     # transformers prints that report only at its default verbosity: drop any *_VERBOSITY the
     # host environment carries.
     env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}
-    code = ("from transformers import CLIPTextModel\n"
+    code = ("import diffq\nfrom transformers import CLIPTextModel\n"
             f"CLIPTextModel.from_pretrained({str(tmp_path / 'te')!r})\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode != 0
     assert "ignore_mismatched_sizes" in r.stderr.strip().splitlines()[-1]
     assert NOTICE_KEY in r.stderr and "pip_install_diffq_toolkit" in NOTICE_KEY
-    # with diffq imported the markers are expected: nothing unexpected, missing or mismatched
+    # with diffq registered the markers are expected: nothing unexpected, missing or mismatched
     again, info = CLIPTextModel.from_pretrained(tmp_path / "te", output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"]
     ids = torch.randint(0, 30, (2, 8))

@@ -39,11 +39,12 @@ def test_cuda_kernel_glue(gen, device, calls):
     x = torch.randn(2, 24, 6, 6, generator=gen).to(device)
     qw = torch.randint(-128, 128, (8, 24, 3, 3), generator=gen, dtype=torch.int8).to(device)
     ws = torch.rand(8, generator=gen).to(device) * 0.01 + 1e-3
-    args = ([0.02, 0.05], [16, 8], [2, 2], [1, 1], [1, 1], 1)
+    args = (torch.tensor([0.02, 0.05], device=device), [16, 8], [2, 2], [1, 1], [1, 1], 1)
     for packed in ([], [qw.permute(0, 2, 3, 1).contiguous()]):
         y = cuda._w8a8_conv2d_cuda(x, qw, ws, None, *args, packed)
         assert rel_err(y, library.conv2d_reference(x.double(), qw, ws.double(), None, *args)) < 1e-6
-    grouped = cuda._w8a8_conv2d_cuda(x, qw[:, :12], ws, None, [0.02], [24], [1, 1], [1, 1], [1, 1], 2, [])
+    grouped = cuda._w8a8_conv2d_cuda(x, qw[:, :12], ws, None, args[0][:1], [24], [1, 1], [1, 1], [1, 1],
+                                     2, [])
     assert grouped.shape == (2, 8, 6, 6)  # groups > 1: the reference
     nhwc, seg_scales = x.permute(0, 2, 3, 1), torch.tensor([0.02, 0.05], device=device)
     codes, scales = cuda._quantize_act_cuda(nhwc, seg_scales, [16, 8])
@@ -62,14 +63,15 @@ def test_ops_dispatch_to_triton(gen, calls):
     x = torch.randn(7, 64, generator=gen)
     qw = torch.randint(-128, 128, (32, 64), generator=gen, dtype=torch.int8)
     ws = torch.rand(32, generator=gen) * 0.01 + 1e-3
-    y = torch.ops.diffq.w8a8_linear(x.cuda(), qw.cuda(), ws.cuda(), None, 0.02, None)
-    assert rel_err(y, library.linear_reference(x.double(), qw, ws.double(), None, 0.02)) < 1e-6
+    xs = torch.tensor([0.02])
+    y = torch.ops.diffq.w8a8_linear(x.cuda(), qw.cuda(), ws.cuda(), None, xs.cuda(), None)
+    assert rel_err(y, library.linear_reference(x.double(), qw, ws.double(), None, xs)) < 1e-6
 
     xc = torch.randn(2, 24, 8, 8, generator=gen)
     qc = torch.randint(-128, 128, (16, 24, 3, 3), generator=gen, dtype=torch.int8)
     wc = torch.rand(16, generator=gen) * 0.01 + 1e-3
-    args = ([0.02, 0.04], [16, 8], [1, 1], [1, 1], [1, 1], 1)
-    y = torch.ops.diffq.w8a8_conv2d(xc.cuda(), qc.cuda(), wc.cuda(), None, *args, [])
+    args = (torch.tensor([0.02, 0.04]), [16, 8], [1, 1], [1, 1], [1, 1], 1)
+    y = torch.ops.diffq.w8a8_conv2d(xc.cuda(), qc.cuda(), wc.cuda(), None, args[0].cuda(), *args[1:], [])
     assert rel_err(y, library.conv2d_reference(xc.double(), qc, wc.double(), None, *args)) < 1e-6
 
     q, k, v = (torch.randn(1, 2, 64, 64, generator=gen).half() for _ in range(3))

@@ -36,7 +36,7 @@ def test_conv_vs_float64(gen, device, k, stride, pad, segments, with_bias):
         x.to(device), qw.permute(0, 2, 3, 1).contiguous().to(device), ws.to(device),
         None if bias is None else bias.to(device), xs.to(device), segments, (stride, stride), (pad, pad))
     ref = library.conv2d_reference(x.double(), qw, ws.double(), None if bias is None else bias.double(),
-                                   xs.tolist(), segments, [stride] * 2, [pad] * 2, [1, 1], 1)
+                                   xs, segments, [stride] * 2, [pad] * 2, [1, 1], 1)
     assert y.shape == ref.shape
     assert rel_err(y, ref) < 1e-6
 
@@ -60,6 +60,6 @@ def test_channels_last_fp16_and_gelu(gen, device):
                               b.to(device), torch.full((1,), 0.02, device=device), None, (1, 1), (1, 1),
                               activation="gelu")
     assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
-    ref = F.gelu(library.conv2d_reference(x.double(), qw, ws.double(), b.double(), [0.02], [16],
+    ref = F.gelu(library.conv2d_reference(x.double(), qw, ws.double(), b.double(), torch.tensor([0.02]), [16],
                                           [1, 1], [1, 1], [1, 1], 1))
     assert rel_err(y, ref) < torch.finfo(torch.float16).eps / 2

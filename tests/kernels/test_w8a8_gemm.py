@@ -60,7 +60,7 @@ def test_linear_static_matches_the_op_reference(gen, device, rows):
     qw = _codes(gen, 24, 80)
     ws = torch.rand(24, generator=gen) * 0.01 + 1e-3
     y = w8a8_gemm.w8a8_linear(x.to(device), qw.to(device), ws.to(device), None, 0.02)
-    ref = library.linear_reference(x.double(), qw, ws.double(), None, 0.02)
+    ref = library.linear_reference(x.double(), qw, ws.double(), None, torch.tensor([0.02]))
     assert y.shape == (rows, 24) and y.dtype == torch.float32
     assert rel_err(y, ref) < 1e-6
 

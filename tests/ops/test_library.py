@@ -13,7 +13,7 @@ def _linear_args(gen, packed=False):
     qw = torch.randint(-127, 128, (16, 32), generator=gen, dtype=torch.int8)
     ws = torch.rand(16, generator=gen) * 0.01 + 1e-3
     b = torch.randn(16, generator=gen)
-    return x, qw, ws, b, 0.02, onednn.pack_linear(qw) if packed else None
+    return x, qw, ws, b, torch.tensor([0.02]), onednn.pack_linear(qw) if packed else None
 
 
 def _conv_args(gen, packed=False):
@@ -22,7 +22,7 @@ def _conv_args(gen, packed=False):
     ws = torch.rand(8, generator=gen) * 0.01 + 1e-3
     scales, segs = [0.02, 0.05], [16, 8]
     packs = onednn.pack_conv(qw, ws, scales, segs, [1, 1], [1, 1], [1, 1], 1) if packed else []
-    return x, qw, ws, None, scales, segs, [1, 1], [1, 1], [1, 1], 1, packs
+    return x, qw, ws, None, torch.tensor(scales), segs, [1, 1], [1, 1], [1, 1], 1, packs
 
 
 def test_opcheck(gen):
@@ -77,12 +77,13 @@ def test_onednn_exact_on_full_range_codes(gen, monkeypatch, split, groups):
     ws = torch.rand(8, generator=gen) * 0.01 + 1e-3
     x = torch.randn(2, 16, 6, 6, generator=gen) * 4  # beyond the range: codes clamp at the ends
     b = torch.randn(8, generator=gen)
-    conv = (x, qw, ws, b, [0.02], [16], [1, 1], [1, 1], [1, 1], groups)
+    conv = (x, qw, ws, b, torch.tensor([0.02]), [16], [1, 1], [1, 1], [1, 1], groups)
     packs = onednn.pack_conv(qw, ws, [0.02], [16], [1, 1], [1, 1], [1, 1], groups)
     ref = library.w8a8_conv2d(*conv, [])
     assert float((library.w8a8_conv2d(*conv, packs) - ref).norm() / ref.norm()) < 1e-5
     lw = qw.reshape(8, -1)[:, :32].contiguous()
     xl = x.reshape(2, -1)[:, :32] * 2
-    ref = library.w8a8_linear(xl, lw, ws, b, 0.02)
-    fast = library.w8a8_linear(xl, lw, ws, b, 0.02, onednn.pack_linear(lw))
+    xs = torch.tensor([0.02])
+    ref = library.w8a8_linear(xl, lw, ws, b, xs)
+    fast = library.w8a8_linear(xl, lw, ws, b, xs, onednn.pack_linear(lw))
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
