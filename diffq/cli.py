@@ -74,7 +74,7 @@ def _llm_args(args: argparse.Namespace) -> bool:
 
 
 def _run_llm(args: argparse.Namespace) -> int:
-    from diffq.integrations import llm
+    from diffq.commands import llm
 
     if args.dataset is None:
         raise InputError("transformers models need --dataset (a UTF-8 text file)")

@@ -15,8 +15,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffq import quantize
+from diffq.commands.llm import decode_speeds
 from diffq.core.recipe import Recipe, WeightSpec
-from diffq.integrations.llm import decode_speeds
 
 
 def build(hidden: int, layers: int, vocab: int) -> LlamaForCausalLM:

@@ -22,6 +22,7 @@ from diffq.assets import shipped
 from diffq.calib.hooks import input_hooks
 from diffq.errors import InputError
 from diffq.io import check_at_least
+from diffq.markdown import Markdown
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -187,15 +188,13 @@ def _run_bench(s: BenchSettings) -> dict:
 def format_bench(r: dict) -> str:
     st, wb = r["step_seconds"], r["weight_bytes"]
     sb, sf = r["step_speedup_vs_bf16"], r["step_speedup_vs_fp32"]
-    lines = [f"model {r['model']}, recipe {r['recipe']}, batch {r['batch']}, {r['threads']} threads",
-             "(quantized: W8A8 layers on int8 kernels, other ops in bf16; quantized_fp32: in fp32)",
-             "", "| UNet step | seconds | vs bf16 | vs fp32 | weight bytes |", "|---|---|---|---|---|"]
-    for k in st:
-        lines.append(f"| {k} | {st[k]:.4f} | {sb[k]:.2f}x | {sf[k]:.2f}x | {wb[k]:,} |")
-    lines += ["", "| layer | input | fp32 ms | bf16 ms | quantized ms | quantized_fp32 ms |",
-              "|---|---|---|---|---|---|"]
-    for row in r["layers"]:
-        lines.append(f"| {row['layer']} | {row['input']} | {row['fp32'] * 1e3:.3f} | "
-                     f"{row['bf16'] * 1e3:.3f} | {row['quantized'] * 1e3:.3f} | "
-                     f"{row['quantized_fp32'] * 1e3:.3f} |")
-    return "\n".join(lines)
+    md = Markdown().text(
+        f"model {r['model']}, recipe {r['recipe']}, batch {r['batch']}, {r['threads']} threads",
+        "(quantized: W8A8 layers on int8 kernels, other ops in bf16; quantized_fp32: in fp32)")
+    md.table(["UNet step", "seconds", "vs bf16", "vs fp32", "weight bytes"],
+             [(k, f"{st[k]:.4f}", f"{sb[k]:.2f}x", f"{sf[k]:.2f}x", wb[k]) for k in st])
+    md.table(["layer", "input", "fp32 ms", "bf16 ms", "quantized ms", "quantized_fp32 ms"],
+             [(row["layer"], row["input"], *(f"{row[k] * 1e3:.3f}" for k in ("fp32", "bf16", "quantized",
+                                                                           "quantized_fp32")))
+              for row in r["layers"]])
+    return str(md).rstrip("\n")

@@ -52,6 +52,7 @@ from diffq.io import (
     write_text,
     writing_directory,
 )
+from diffq.markdown import Markdown
 
 
 @dataclass
@@ -317,42 +318,31 @@ def _collect(s, pipe, prompts, p: Plan, progress, procs: Processes = Processes()
 
 def _write_report(out: Path, r: dict) -> None:
     write_json(out / "report.json", r)
-    lines = [
-        f"# diffq calibrate: {r['recipe']}",
-        "",
+    md = Markdown(f"diffq calibrate: {r['recipe']}").text(
         f"Model `{r['model']}`, {r['num_prompts']} prompts from `{r['prompts']}`, "
         f"{r['steps']} steps, guidance {r['guidance']}, seed {r['seed']}; took {r['seconds']} s.",
-        "",
+    ).text(
         f"Weight bytes: {r['weight_bytes']:,} vs {r['weight_bytes_fp']:,} bf16 "
         f"({r['weight_bytes'] / r['weight_bytes_fp']:.3f}x).",
-        "",
-        f"**{len(r['layers'])} layers quantized**, {len(r['skipped'])} kept float.",
-        "",
-        "| count | scheme or reason |",
-        "|---|---|",
-        *(f"| {n} | {what} |" for what, n in Counter(r["layers"].values()).most_common()),
-        *(f"| {n} | float: {why} |" for why, n in Counter(r["skipped"].values()).most_common()),
-        "",
-    ]
-    lines += [f"> warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
+    ).text(f"**{len(r['layers'])} layers quantized**, {len(r['skipped'])} kept float.")
+    md.table(["count", "scheme or reason"],
+             [*((n, what) for what, n in Counter(r["layers"].values()).most_common()),
+              *((n, f"float: {why}") for why, n in Counter(r["skipped"].values()).most_common())])
+    md.warnings(r["warnings"])
     if r["plotted_layers"]:
-        lines += ["![activation range over timesteps](activation_ranges.png)", ""]
+        md.image("activation_ranges.png", "activation range over timesteps")
     if "mixed" in r:
         m = r["mixed"]
         counts = ", ".join(f"{n} layers at {b} bits" for b, n in m["bits"].items())
         rho = "n/a" if m["proxy_spearman"] is None else f"{m['proxy_spearman']:.2f}"
-        lines += [
-            "## Mixed precision",
-            "",
+        md.heading("Mixed precision", 2).text(
             f"Average weight width {m['average_bits']} bits ({counts}); {m['bytes']:,} bytes in the "
             "mixed layers. Relative MSE of the UNet output (fake-quant weights only, sensitivity "
             f"calls): predicted (sum of per-layer) {m['predicted_error']:.3g}, measured "
             f"{m['measured_error']:.3g}. Proxy (weight error x input energy) vs measured rank "
-            f"correlation at the lowest width: {rho}.",
-            "",
-        ]
-        lines += [f"![{f}]({f})" for f in r["mixed_figures"]] + [""]
-    lines += ["| layer | scheme |", "|---|---|"]
-    lines += [f"| `{n}` | {v} |" for n, v in r["layers"].items()]
-    lines += [f"| `{n}` | float ({why}) |" for n, why in r["skipped"].items()]
-    write_text(out / "report.md", "\n".join(lines) + "\n")
+            f"correlation at the lowest width: {rho}.")
+        for f in r["mixed_figures"]:
+            md.image(f, f)
+    md.table(["layer", "scheme"], [*((f"`{n}`", v) for n, v in r["layers"].items()),
+                                   *((f"`{n}`", f"float ({why})") for n, why in r["skipped"].items())])
+    write_text(out / "report.md", str(md))

@@ -19,7 +19,8 @@ from diffq.errors import InputError
 from diffq.eval.grid import image_grid
 from diffq.integrations.pipeline import calibration_pass, generate, load_pipeline, unet_calls
 from diffq.integrations.unet import check_groups, skip_concat_segments
-from diffq.io import check_at_least, read_prompts, writing_directory
+from diffq.io import check_at_least, read_prompts, write_text, writing_directory
+from diffq.markdown import Markdown
 
 DEFAULT_SCHEMES = ["fp", "q8_0", "naive-w8a8", "w8a8-static", "w8a8"]
 
@@ -112,19 +113,18 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
                 for r in rows]
         (tmp / "compare.json").write_text(json.dumps({**meta, "rows": safe}, indent=1))
         image_grid(grid_rows, s.schemes, scale=2, captions=prompts[:8]).save(tmp / "grid.png")
-        (tmp / "compare.md").write_text(format_table(rows, meta) + "\n![same prompts and seeds, "
-                                        "one row per scheme](grid.png)\n")
+        write_text(tmp / "compare.md", str(format_table(rows, meta).image(
+            "grid.png", "same prompts and seeds, one row per scheme")))
     return rows
 
 
-def format_table(rows: list[dict], meta: dict) -> str:
-    head = (f"{meta['num_images']} images, {meta['steps']} steps, guidance {meta['guidance']}, "
-            f"seeds {meta['seeds'][0]}..{meta['seeds'][1]}; features: {meta['features']}\n\n")
-    lines = ["| scheme | PSNR dB | PSNR median / worst | SSIM | CLIP | FID | weight bytes (x bf16) "
-             "| s / image |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        psnr, med, low = (f"{v:.2f}" for v in (r["psnr_db"], r["psnr_db_median"], r["psnr_db_min"]))
-        lines.append(f"| {r['scheme']} | {psnr} | {med} / {low} | {r['ssim']:.4f} | {r['clip_score']:.2f} | "
-                     f"{r['fid']:.3f} | {r['weight_bytes']:,} ({r['weight_ratio_bf16']:.3f}) | "
-                     f"{r['seconds_per_image']:.3f} |")
-    return head + "\n".join(lines) + "\n"
+def format_table(rows: list[dict], meta: dict) -> Markdown:
+    md = Markdown().text(f"{meta['num_images']} images, {meta['steps']} steps, guidance {meta['guidance']}, "
+                         f"seeds {meta['seeds'][0]}..{meta['seeds'][1]}; features: {meta['features']}")
+    return md.table(
+        ["scheme", "PSNR dB", "PSNR median / worst", "SSIM", "CLIP", "FID", "weight bytes (x bf16)",
+         "s / image"],
+        [(r["scheme"], f"{r['psnr_db']:.2f}", f"{r['psnr_db_median']:.2f} / {r['psnr_db_min']:.2f}",
+          f"{r['ssim']:.4f}", f"{r['clip_score']:.2f}", f"{r['fid']:.3f}",
+          f"{r['weight_bytes']:,} ({r['weight_ratio_bf16']:.3f})", f"{r['seconds_per_image']:.3f}")
+         for r in rows])

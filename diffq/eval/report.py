@@ -1,7 +1,6 @@
 """Write evaluation reports: report.json, report.md and grid.png."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,12 +9,8 @@ from PIL import Image
 from diffq.eval.grid import difference, image_grid
 from diffq.eval.metrics import psnr_per_image
 from diffq.eval.shapes import to_tensor
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.4g}"
-    return str(v)
+from diffq.io import write_json, write_text
+from diffq.markdown import Markdown, cell
 
 
 def _json_safe(v):
@@ -42,29 +37,23 @@ def eval_grid(fp_images: list[Image.Image], q_images: list[Image.Image], scheme:
 def write_eval_report(out: Path, report: dict, fp_images: list[Image.Image],
                       q_images: list[Image.Image], prompts: list[str], max_cols: int = 8) -> None:
     """report.json (machine), report.md (people) and grid.png (`eval_grid`)."""
-    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=1), encoding="utf-8")
+    write_json(out / "report.json", _json_safe(report))
     eval_grid(fp_images, q_images, report["scheme"], prompts, max_cols).save(out / "grid.png")
     m = report["metrics"]
-    lines = [
-        f"# diffq eval: {report['scheme']}",
-        "",
+    md = Markdown(f"diffq eval: {report['scheme']}").text(
         f"{report['num_images']} images, {report['steps']} steps, guidance {report['guidance']}, "
         f"seeds {report['seeds'][0]}..{report['seeds'][-1]}; model `{report['model']}`.",
-        f"Features: {report['features']}.",
-        "",
-        "| metric | FP | quantized |",
-        "|---|---|---|",
-        f"| weight bytes | {report['weight_bytes_fp']:,} | {report['weight_bytes']:,} "
-        f"({report['weight_bytes'] / report['weight_bytes_fp']:.3f}x) |",
-        f"| CLIP score | {_fmt(m['clip_score_fp'])} | {_fmt(m['clip_score'])} |",
-        f"| FID vs real | {_fmt(m['fid_fp'])} | {_fmt(m['fid'])} |",
-        f"| paired PSNR vs FP (dB), whole batch | - | {_fmt(m['psnr_db'])} |",
-        f"| paired PSNR per image: median / worst | - | {_fmt(m['psnr_db_median'])} / "
-        f"{_fmt(m['psnr_db_min'])} |",
-        f"| paired SSIM vs FP | - | {_fmt(m['ssim'])} |",
-        "",
-        "![FP, quantized and their difference x4, same prompts and seeds: the worst images by "
-        "PSNR first](grid.png)",
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+        f"Features: {report['features']}.")
+    md.table(["metric", "FP", "quantized"], [
+        ("weight bytes", report["weight_bytes_fp"],
+         f"{report['weight_bytes']:,} ({report['weight_bytes'] / report['weight_bytes_fp']:.3f}x)"),
+        ("CLIP score", m["clip_score_fp"], m["clip_score"]),
+        ("FID vs real", m["fid_fp"], m["fid"]),
+        ("paired PSNR vs FP (dB), whole batch", "-", m["psnr_db"]),
+        ("paired PSNR per image: median / worst", "-",
+         f"{cell(m['psnr_db_median'])} / {cell(m['psnr_db_min'])}"),
+        ("paired SSIM vs FP", "-", m["ssim"]),
+    ])
+    md.image("grid.png", "FP, quantized and their difference x4, same prompts and seeds: the worst "
+             "images by PSNR first")
+    write_text(out / "report.md", str(md))

@@ -154,7 +154,7 @@ def test_llm_calibrate_and_eval_cli(tmp_path, capsys):
 
 
 def test_llm_eval_encoder(tmp_path):
-    from diffq.integrations import llm
+    from diffq.commands import llm
 
     src = lm.save_model_dir(lm.clip_text(), tmp_path / "clip", pad=True)
     data = tmp_path / "lines.txt"
@@ -188,13 +188,14 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
 
 
 def test_no_linear_model_and_pad_token(tmp_path, monkeypatch):
-    from diffq.integrations import llm
+    from diffq.commands import llm
+    from diffq.integrations import llm as llm_glue
 
-    tok = llm.ensure_pad_token(lm.byte_tokenizer(pad=False))
+    tok = llm_glue.ensure_pad_token(lm.byte_tokenizer(pad=False))
     assert tok.pad_token == tok.eos_token
     assert tok(["a", "abc"], padding=True)["input_ids"][0][-1] == tok.eos_token_id
     with pytest.raises(InputError, match="fewer than"):
-        llm.windows(torch.arange(10), 2, 8)
+        llm_glue.windows(torch.arange(10), 2, 8)
     class NoLinear(nn.Module):
         def __init__(self):
             super().__init__()

@@ -7,9 +7,10 @@ from torch import nn
 
 import diffq
 from diffq.cli import main
+from diffq.commands import llm
 from diffq.core.recipe import load_recipe
 from diffq.errors import InputError
-from diffq.integrations import llm
+from diffq.integrations import llm as llm_glue
 from diffq.integrations.lowmem import load_skeleton, on_meta
 from diffq.nn import QLinear
 from diffq.sequential import find_blocks
@@ -54,9 +55,9 @@ def test_blocks_are_loaded_one_at_a_time(llama_dir):
         seen.append((i, float_linears, [on_meta(b) for b in blocks]))
         lazy.load_block(name)
 
-    tok = llm.load_tokenizer(src)
-    ids = llm.windows(llm.token_stream(tok, data.read_text()), 4, 32)
-    diffq.quantize(model, load_recipe("llm-w4a16-gptq"), calibration=llm.calibration_items(ids, 2),
+    tok = llm_glue.load_tokenizer(src)
+    ids = llm_glue.windows(llm_glue.token_stream(tok, data.read_text()), 4, 32)
+    diffq.quantize(model, load_recipe("llm-w4a16-gptq"), calibration=llm_glue.calibration_items(ids, 2),
                    load_block=load_block)
     assert [i for i, _, _ in seen] == [0, 1, 2]
     for i, float_linears, meta in seen:
@@ -88,8 +89,9 @@ def test_device_map_offloaded_llm_quantizes_like_in_memory(llama_dir, tmp_path):
     from tests.conftest import assert_same_quantized_layers
 
     src, data = llama_dir
-    tok = llm.load_tokenizer(src)
-    items = llm.calibration_items(llm.windows(llm.token_stream(tok, data.read_text()), 4, 32), 2)
+    tok = llm_glue.load_tokenizer(src)
+    ids = llm_glue.windows(llm_glue.token_stream(tok, data.read_text()), 4, 32)
+    items = llm_glue.calibration_items(ids, 2)
     plain = diffq.quantize(LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval(),
                            "llm-w4a16-gptq", calibration=items)
     offloaded = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32, device_map="auto",
