@@ -2,15 +2,16 @@
 (run any data; activation statistics per timestep and the layer inputs the weight methods
 need) -> `convert` (choose weights, swap the modules). `quantize` is the three in a row.
 
-    p = diffq.plan(unet, "w8a8", segments=skip_concat_segments(unet))
+    p = diffq.plan(unet, "w8a8", example=call)   # roles and skip concats: one traced call
     with diffq.calibrate(unet, p) as cal:
         cal.run(calls)            # call items, or a callable that drives a pipeline
     diffq.convert(unet, p, cal.stats)
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffq.calib.collector import ActivationCollector, LayerStats, feed, unsplit
+from diffq.calib.collector import (
+    ActivationCollector,
+    LayerStats,
+    as_call,
+    call_model,
+    feed,
+    first_call,
+    unsplit,
+)
 from diffq.calib.hessian import InputCollector, InputStats
 from diffq.calib.scales import choose_boundaries, scale_table
 from diffq.calib.store import load_stats, merge_stats, save_stats
+from diffq.calib.structure import Structure, trace_structure
+from diffq.calib.verify import Verification, verify_layers
 from diffq.core.config import from_dict, to_dict
+from diffq.core.quant import sqnr_db
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec, load_recipe
 from diffq.errors import CalibrationError, RecipeError
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
+from diffq.nn.activation import ActivationQuantizer
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.clock import attach_clock
 from diffq.nn.convert import QuantizationReport, linearize_conv1d, plan_layers
@@ -62,7 +75,8 @@ class Plan:
     """What `convert` will do to each layer of one model, and what it needs first: `layers`
     (the scheme of each layer to quantize), `segments` (input channel segments with their own
     activation scales), `needs` (layers whose weights come from their inputs: (Hessian, sample
-    rows)), `skipped` (layers kept float and why). Frozen; `to_dict` / `from_dict` round-trip."""
+    rows)), `skipped` (layers kept float and why), `roles` (what each layer does, when a call
+    was traced). Frozen; `to_dict` / `from_dict` round-trip."""
 
     recipe: Recipe
     layers: dict[str, LayerPlan]
@@ -70,6 +84,7 @@ class Plan:
     needs: dict[str, tuple[bool, int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     unmatched_patterns: tuple[str, ...] = ()
+    roles: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def static(self) -> list[str]:
@@ -77,13 +92,17 @@ class Plan:
         return [n for n, p in self.layers.items()
                 if p.activations is not None and p.activations.mode == "static"]
 
+    def role(self, name: str) -> str:
+        return ", ".join(self.roles.get(name, ())) or "body"
+
     def to_dict(self) -> dict:
         return {"recipe": self.recipe.to_dict(),
                 "layers": {n: {"weights": to_dict(p.weights),
                                "activations": None if p.activations is None else to_dict(p.activations)}
                            for n, p in self.layers.items()},
                 "segments": self.segments, "needs": {n: list(v) for n, v in self.needs.items()},
-                "skipped": self.skipped, "unmatched_patterns": list(self.unmatched_patterns)}
+                "skipped": self.skipped, "unmatched_patterns": list(self.unmatched_patterns),
+                "roles": self.roles}
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
@@ -92,23 +111,36 @@ class Plan:
                   for n, v in d["layers"].items()}
         return cls(Recipe.from_dict(d["recipe"]), layers, d["segments"],
                    {n: tuple(v) for n, v in d["needs"].items()}, d["skipped"],
-                   tuple(d["unmatched_patterns"]))
+                   tuple(d["unmatched_patterns"]), d.get("roles", {}))
 
 
 def plan(model: nn.Module, recipe: str | Path | Recipe,
-         segments: dict[str, list[int]] | None = None) -> Plan:
+         segments: dict[str, list[int]] | None = None, example: Any = None,
+         structure: Structure | None = None) -> Plan:
     """Resolve `recipe` against `model`'s layers (a mixed recipe: its widths as they stand; see
-    `plan_mixed`). `segments`: layer -> input channel segments (e.g. a UNet's skip concats),
-    kept where the layer's activation spec splits them. transformers' Conv1D layers become
-    nn.Linear first so they can be planned."""
+    `plan_mixed`). `example`: one call of the model (a calibration item) to trace for the
+    layers' roles and skip concats (`diffq.calib.structure`), or that `structure` itself; a
+    recipe that names roles needs one. `segments`: layer -> input channel segments that get
+    their own activation scales where the layer's spec splits them (default: the traced skip
+    concats). transformers' Conv1D layers become nn.Linear first so they can be planned."""
     recipe = load_recipe(recipe)
     linearize_conv1d(model)
-    layers, report = plan_layers(model, recipe)
+    if structure is None and example is not None:
+        structure = trace_structure(model, *as_call(example))
+    if structure is None and recipe.uses_roles():
+        raise CalibrationError(f"recipe {recipe.name!r} keeps layers float by role "
+                               f"({', '.join(recipe.keep_float) or 'overrides'}), which one example "
+                               "call shows: pass calibration=[...] (or example=...)")
+    roles = {} if structure is None else structure.roles
+    layers, report = plan_layers(model, recipe, roles)
     keep_fp32(model, layers, report)
     needs = {n: nd for n, p in layers.items() if (nd := input_needs(model.get_submodule(n), p))}
+    if segments is None and structure is not None:
+        segments = structure.segments
     kept = {n: list(seg) for n, seg in (segments or {}).items() if n in layers
             and layers[n].activations is not None and layers[n].activations.split_skip}
-    return Plan(recipe, layers, kept, needs, dict(report.skipped), tuple(report.unmatched_patterns))
+    return Plan(recipe, layers, kept, needs, dict(report.skipped), tuple(report.unmatched_patterns),
+                {n: sorted(r) for n, r in roles.items() if r})
 
 
 @dataclass(frozen=True)
@@ -126,9 +158,11 @@ class Calibration:
     processes or resumed work with `diffq.calib.store.merge_stats`)."""
 
     def __init__(self, model: nn.Module, plans: Plan | Iterable[Plan], timestep_of=None,
-                 activations: bool = True, inputs: bool = True) -> None:
+                 activations: bool = True, inputs: bool = True, holdout: int = 0) -> None:
         plans = [plans] if isinstance(plans, Plan) else list(plans)
         self.model, self.timestep_of = model, timestep_of
+        self.holdout, self.held = holdout, []  # calls kept out of the statistics
+        self._per_t: dict = {}
         layers: dict = {}
         for p in plans:  # several plans: the union of their layers, each input split if any splits
             for n, v in static_layers(model, p.layers, p.segments).items():
@@ -144,6 +178,7 @@ class Calibration:
 
     def __enter__(self) -> Calibration:
         self._handle = install_clock(self.model, self._clock, self.timestep_of)
+        self._hold = self.model.register_forward_pre_hook(self._hold_back, with_kwargs=True)
         self._activations.__enter__()
         if self._inputs is not None:
             self._inputs.__enter__()
@@ -154,6 +189,20 @@ class Calibration:
             self._inputs.__exit__(*exc)
         self._activations.__exit__(*exc)
         self._handle.remove()
+        self._hold.remove()
+        self._clock.held_back = False
+
+    def _hold_back(self, _m, args: tuple, kwargs: dict) -> None:
+        """Keep the second call of each timestep (up to `holdout` calls; every call with
+        holdout=ALL) out of the statistics and record it, so verification runs on calls the
+        scales never saw, timesteps covered."""
+        t = self._clock.value
+        seen = self._per_t.get(t, 0)
+        self._per_t[t] = seen + 1
+        self._clock.held_back = self.holdout == ALL or (seen == 1 and len(self.held) < self.holdout)
+        if self._clock.held_back:
+            copy = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.held.append((tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}))
 
     def run(self, data, progress: bool = False) -> None:
         """Feed `data` through the model: call items (tensor, args tuple, kwargs dict or (args,
@@ -175,20 +224,22 @@ class Calibration:
 
 
 def calibrate(model: nn.Module, plans: Plan | Iterable[Plan], timestep_of: TimestepOf | None = None,
-              activations: bool = True, inputs: bool = True) -> Calibration:
+              activations: bool = True, inputs: bool = True, holdout: int = 0) -> Calibration:
     """The calibration context of `plans` on `model` (see `Calibration`); `activations` /
-    `inputs` False skips collecting that half."""
-    return Calibration(model, plans, timestep_of, activations, inputs)
+    `inputs` False skips collecting that half; `holdout` calls (the second of each timestep)
+    are kept out of the statistics for `convert(..., verify=cal.held)`."""
+    return Calibration(model, plans, timestep_of, activations, inputs, holdout)
 
 
 def convert(model: nn.Module, plan: Plan,
             activation_stats: CalibrationStats | dict[str, LayerStats] | None = None,
             input_stats: dict[str, InputStats] | None = None,
-            timestep_of: TimestepOf | None = None) -> nn.Module:
+            timestep_of: TimestepOf | None = None, verify: list | None = None) -> nn.Module:
     """Choose every planned layer's weights (GPTQ / AWQ / smoothing from `input_stats`), swap the
     layers for their quantized twins with activation scale tables from `activation_stats`, and
     hook the timestep clock. `activation_stats` may be a whole `cal.stats`. Statistics collected
-    split by segment serve unsplit layers too."""
+    split by segment serve unsplit layers too. `verify`: held-back calls (`cal.held`) on which
+    static int8 layers are checked first and the whole model after (see `diffq.calib.verify`)."""
     if isinstance(activation_stats, CalibrationStats):
         activation_stats, input_stats = activation_stats.activations, activation_stats.inputs
     acts = activation_stats or {}
@@ -200,18 +251,132 @@ def convert(model: nn.Module, plan: Plan,
     if absent:
         raise CalibrationError(f"layer {absent[0]!r} chooses its weights from its inputs; calibrate "
                                "with inputs=True before convert")
-    prepared, converted = prepare_and_convert(model, plan.layers, {n: input_stats[n] for n in plan.needs},
-                                              plan.segments, offload_context(model))
     stats = {n: acts[n] if n in plan.segments else unsplit(acts[n]) for n in plan.static}
     bounds = {}  # one set of boundaries per (K, method), shared by all layers of the model
-    for name, st in stats.items():
+    for name in stats:
         spec = plan.layers[name].activations
         key = (spec.timestep_groups, spec.timestep_grouping)
         if key not in bounds:
             bounds[key] = choose_boundaries(stats, *key)
+    check = None
+    if verify and verifiable(plan):
+        check = _check_layers(model, plan, stats, bounds, verify, timestep_of)
+        plan = _with_fallbacks(plan, check.verification)
+        stats = {n: st for n, st in stats.items() if n in plan.static}
+    prepared, converted = prepare_and_convert(model, plan.layers, {n: input_stats[n] for n in plan.needs},
+                                              plan.segments, offload_context(model))
+    for name, st in stats.items():
+        spec = plan.layers[name].activations
+        key = (spec.timestep_groups, spec.timestep_grouping)
         scale, zp = scale_table(st, bounds[key], spec)
         converted[name].input_quant.set_table(scale, bounds[key], zp)
-    return _finish(model, plan, prepared, timestep_of)
+    _finish(model, plan, prepared, timestep_of)
+    if check is not None:
+        diffq_state(model).report.verification = check.widen(model, plan)
+    return model
+
+
+@dataclass
+class _Check:
+    """Verification of one conversion: per-layer choices (before) and the whole-model check on
+    the same held-back calls (after), which widens the dynamic fallback when needed."""
+
+    verification: Verification
+    calls: list
+    reference: list  # the float model's outputs on `calls`
+    timestep_of: TimestepOf | None
+    margin_db: float = 0.5
+
+    def _sqnr(self, model: nn.Module) -> float:
+        with torch.inference_mode():
+            out = [_output_tensor(call_model(model, c)) for c in self.calls]
+        return sqnr_db(torch.cat([r.flatten() for r in self.reference]),
+                       torch.cat([o.flatten() for o in out]))
+
+    def widen(self, model: nn.Module, plan: Plan) -> dict:
+        """Measure the converted model and an all-dynamic twin (same weights); while the model
+        is more than `margin_db` below it, switch the static layers with the largest measured
+        gap to dynamic, a quarter of those left at a time."""
+        static = [n for n in plan.static]
+        chosen = self._sqnr(model)
+        with _all_dynamic(model, static):
+            dynamic = self._sqnr(model)
+        widened: list[str] = []
+        v = self.verification.layers
+        order = sorted(static, key=lambda n: v[n].sqnr["dynamic"] - v[n].chosen_db, reverse=True)
+        while chosen < dynamic - self.margin_db and order:
+            step, order = order[: max(1, len(order) // 4)], order[max(1, len(order) // 4):]
+            for n in step:
+                _set_dynamic(model.get_submodule(n))
+            widened += step
+            chosen = self._sqnr(model)
+        report = diffq_state(model).report
+        for n in widened:
+            report.quantized[n] = describe_plan(LayerPlan(plan.layers[n].weights,
+                                                          dynamic_spec(plan.layers[n].activations))) \
+                + " (widened)"
+        return {"calls": len(self.calls), "sqnr_db": chosen, "dynamic_sqnr_db": dynamic,
+                "widened": widened,
+                "layers": {n: {"sqnr_db": c.sqnr, "choice": "dynamic (widened)" if n in widened
+                               else c.choice, "role": plan.role(n)} for n, c in v.items()}}
+
+
+def _output_tensor(out) -> torch.Tensor:
+    """The main tensor of a model's output (diffusers / transformers outputs: the first field)."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    return _output_tensor(out[0])
+
+
+def _set_dynamic(layer: QuantizedLayer) -> ActivationQuantizer:
+    old = layer.input_quant
+    layer.input_quant = ActivationQuantizer(dynamic_spec(old.spec), old.feature_axis, [sum(old.segments)])
+    return old
+
+
+@contextmanager
+def _all_dynamic(model: nn.Module, names: list[str]):
+    kept = {n: _set_dynamic(model.get_submodule(n)) for n in names}
+    try:
+        yield
+    finally:
+        for n, q in kept.items():
+            model.get_submodule(n).input_quant = q
+
+
+def _check_layers(model, plan: Plan, stats, bounds, calls: list, timestep_of) -> _Check:
+    clock = TimestepClock()
+    handle = install_clock(model, clock, timestep_of)
+    try:
+        v = verify_layers(model, plan.layers, stats, plan.segments, bounds, calls, clock)
+        with torch.inference_mode():
+            ref = [_output_tensor(call_model(model, c)) for c in calls]
+    finally:
+        handle.remove()
+    return _Check(v, calls, ref, timestep_of)
+
+
+def verifiable(plan: Plan) -> bool:
+    """Whether `convert(..., verify=calls)` checks this plan (static int8 layers, recipe verify)."""
+    return plan.recipe.verify and any(plan.layers[n].activations.format == "int8" for n in plan.static)
+
+
+def _with_fallbacks(plan: Plan, v) -> Plan:
+    """The plan with each verified layer's chosen observer, or dynamic activations."""
+    layers = dict(plan.layers)
+    for n, choice in v.fallbacks().items():
+        a = layers[n].activations
+        a = dynamic_spec(a) if choice == "dynamic" else dataclasses.replace(a, observer=choice)
+        layers[n] = LayerPlan(layers[n].weights, a)
+    return dataclasses.replace(plan, layers=layers,
+                               segments={n: s for n, s in plan.segments.items() if n not in v.fallbacks()
+                                         or v.fallbacks()[n] != "dynamic"})
+
+
+def dynamic_spec(a: ActivationSpec) -> ActivationSpec:
+    return dataclasses.replace(a, mode="dynamic", granularity="per_token", observer="minmax",
+                               timestep_groups=1, split_skip=False, float_prefix=0)
 
 
 @dataclass
@@ -272,6 +437,15 @@ def quantize(
     is kept as `model.diffq.report.mixed`.
     """
     recipe = load_recipe(recipe)
+    if calibration is not None and not callable(calibration) and not isinstance(calibration, list):
+        calibration = list(calibration)  # read more than once: example call, statistics
+    if calibration is None and stats is None and recipe.needs_calibration():
+        static = any(a is not None and a.mode == "static"
+                     for a in (recipe.activations, *(o.activations for o in recipe.overrides)))
+        raise CalibrationError(_NEEDS_DATA["static" if static else "inputs"])
+    example = None
+    if calibration is not None and recipe.uses_roles():
+        example = first_call(model, calibration)
     mixed = None
     if recipe.mixed is not None:
         if callable(calibration):
@@ -280,7 +454,7 @@ def quantize(
         items = calibration[: recipe.mixed.prompts * recipe.mixed.timesteps]
         mixed = plan_mixed(model, recipe, items, progress=progress)
         recipe = mixed.recipe
-    p = plan(model, recipe, segments)
+    p = plan(model, recipe, segments, example)
     if load_block is not None or (p.needs and uses_sequential(model, recipe, p.needs)):
         _quantize_sequential(model, p, calibration, progress, load_block, timestep_of)
     else:
@@ -288,14 +462,18 @@ def quantize(
         if (p.static and stats is None) or p.needs:
             if calibration is None:
                 raise CalibrationError(_NEEDS_DATA["inputs" if p.needs else "static"])
-            with calibrate(model, p, timestep_of, activations=stats is None) as cal:
+            holdout = HOLDOUT if stats is None and verifiable(p) else 0
+            with calibrate(model, p, timestep_of, activations=stats is None, holdout=holdout) as cal:
                 cal.run(calibration, progress)
             acts = cal.activation_stats if stats is None else stats
             inputs = cal.input_stats
-        convert(model, p, acts, inputs, timestep_of)
+        convert(model, p, acts, inputs, timestep_of, verify=cal.held if p.static and stats is None else None)
     diffq_state(model).report.mixed = mixed
     return model
 
+
+ALL = -1  # Calibration(holdout=ALL): every call is held back (e.g. one designated prompt batch)
+HOLDOUT = 16  # calls held back from the statistics to verify static layers (2nd of each timestep)
 
 _NEEDS_DATA = {
     "inputs": "the recipe chooses weights from the layer inputs (weights.method gptq / awq or "
@@ -385,6 +563,7 @@ def weight_bytes(model: nn.Module, float_dtype: torch.dtype | None = torch.bfloa
     return total
 
 
-__all__ = ["plan", "Plan", "calibrate", "Calibration", "CalibrationStats", "convert", "quantize",
+__all__ = ["ALL", "verifiable", "plan", "Plan", "calibrate", "Calibration", "CalibrationStats", "convert",
+           "quantize",
            "plan_mixed", "MixedResult", "weight_bytes", "attach_clock", "QuantizationReport",
            "load_recipe", "LayerStats", "merge_stats", "save_stats", "load_stats", "SensitivityTable"]

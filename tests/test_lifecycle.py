@@ -12,6 +12,7 @@ from diffq.errors import CalibrationError
 from tests.conftest import ToyUNet, assert_same_state, toy_calibration
 
 SEGMENTS = {"up": [64, 128]}  # ToyUNet's up conv reads cat(skip, upsampled)
+EXAMPLE = toy_calibration(1, seed=3)[0]  # the call traced for the layers' roles
 
 
 def _fresh():
@@ -24,7 +25,7 @@ def test_the_three_steps_equal_quantize(recipe):
     calls = toy_calibration(6)
     whole = diffq.quantize(_fresh(), recipe, calibration=calls, segments=SEGMENTS)
     model = _fresh()
-    p = plan(model, recipe, SEGMENTS)
+    p = plan(model, recipe, SEGMENTS, EXAMPLE)
     with calibrate(model, p) as cal:
         cal.run(calls)
     convert(model, p, cal.activation_stats, cal.input_stats)
@@ -37,7 +38,7 @@ def test_the_three_steps_equal_quantize(recipe):
 
 def test_plan_says_what_each_layer_needs_and_round_trips():
     model = _fresh()
-    p = plan(model, "w4a8", SEGMENTS)
+    p = plan(model, "w4a8", SEGMENTS, EXAMPLE)
     assert "conv_in" in p.skipped and "up" in p.segments and p.static
     assert p.needs and all(len(v) == 2 for v in p.needs.values())  # GPTQ: Hessians
     again = Plan.from_dict(json.loads(json.dumps(p.to_dict())))
@@ -48,7 +49,7 @@ def test_plan_says_what_each_layer_needs_and_round_trips():
 
 def test_statistics_merge_exactly_and_save_load(tmp_path):
     model = _fresh()
-    p = plan(model, "w8a8", SEGMENTS)
+    p = plan(model, "w8a8", SEGMENTS, EXAMPLE)
     calls = toy_calibration(6)
     parts = []
     for chunk in (calls[:3], calls[3:], calls):
@@ -71,7 +72,7 @@ def test_one_collection_serves_several_plans():
     does not: convert folds them, and the result equals a direct unsplit collection."""
     calls = toy_calibration(4)
     a = _fresh()
-    split, whole = plan(a, "w8a8", SEGMENTS), plan(a, "naive-w8a8", SEGMENTS)
+    split, whole = plan(a, "w8a8", SEGMENTS, EXAMPLE), plan(a, "naive-w8a8", SEGMENTS, EXAMPLE)
     with calibrate(a, [split, whole], inputs=False) as cal:
         cal.run(calls)
     shared = cal.activation_stats
@@ -83,12 +84,20 @@ def test_one_collection_serves_several_plans():
         assert torch.allclose(a(x, t), direct(x, t), rtol=0, atol=1e-6)
 
 
+def test_roles_need_one_example_call():
+    with pytest.raises(CalibrationError, match="keeps layers float by role .input, output, embedding."):
+        plan(_fresh(), "w8a8")
+    p = plan(_fresh(), "w8a8", example=EXAMPLE)
+    assert p.roles["conv_in"] == ["input"] and p.segments == SEGMENTS  # traced, not given
+    assert "role input" in p.skipped["conv_in"]
+
+
 def test_convert_without_the_statistics_it_needs_is_one_clear_error():
     model = _fresh()
-    p = plan(model, "w8a8", SEGMENTS)
+    p = plan(model, "w8a8", SEGMENTS, EXAMPLE)
     with pytest.raises(CalibrationError, match="no calibration statistics for layer"):
         convert(model, p, {})
-    p4 = plan(_fresh(), "w4a8", SEGMENTS)
+    p4 = plan(_fresh(), "w4a8", SEGMENTS, EXAMPLE)
     with pytest.raises(CalibrationError, match="chooses its weights from its inputs"):
         convert(_fresh(), p4, {n: None for n in p4.static})
 
@@ -97,7 +106,7 @@ def test_the_front_door_lifecycle_takes_cal_stats():
     calls = toy_calibration(4)
     whole = diffq.quantize(_fresh(), "w4a8", calibration=calls, segments=SEGMENTS)
     model = _fresh()
-    p = diffq.plan(model, "w4a8", SEGMENTS)
+    p = diffq.plan(model, "w4a8", SEGMENTS, EXAMPLE)
     with diffq.calibrate(model, p) as cal:
         cal.run(calls)
     diffq.convert(model, p, cal.stats)

@@ -19,22 +19,58 @@ from diffq.calib.hooks import input_hooks
 from diffq.errors import CalibrationError
 
 
-def call_model(model: nn.Module, item: Any) -> Any:
-    """Call `model` with one calibration item: a tensor (one positional argument), a tuple
+def as_call(item: Any) -> tuple[tuple, dict]:
+    """One calibration item as (args, kwargs): a tensor (one positional argument), a tuple
     (positional arguments), a dict (keyword arguments) or an (args, kwargs) pair."""
     if isinstance(item, torch.Tensor):
-        return model(item)
+        return (item,), {}
     if isinstance(item, dict):
-        return model(**item)
+        return (), item
     if (isinstance(item, (tuple, list)) and len(item) == 2
             and isinstance(item[0], (tuple, list)) and isinstance(item[1], dict)):
-        return model(*item[0], **item[1])
+        return tuple(item[0]), item[1]
     if isinstance(item, (tuple, list)):
-        return model(*item)
+        return tuple(item), {}
     raise CalibrationError(
         f"calibration item of type {type(item).__name__} is not a tensor, tuple, dict or "
         "(args, kwargs) pair"
     )
+
+
+def call_model(model: nn.Module, item: Any) -> Any:
+    """Call `model` with one calibration item (see `as_call`)."""
+    args, kwargs = as_call(item)
+    return model(*args, **kwargs)
+
+
+class _Captured(Exception):
+    pass
+
+
+def first_call(model: nn.Module, data) -> tuple[tuple, dict]:
+    """The first call the calibration data makes: its first item, or for a callable that
+    drives the model (a pipeline), the arguments of its first model call (the run stops there)."""
+    if not callable(data):
+        for item in data:
+            return as_call(item)
+        raise CalibrationError("the calibration data is empty")
+    got = []
+
+    def hook(_m, args, kwargs):
+        got.append((args, kwargs))
+        raise _Captured
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            data()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise CalibrationError("the calibration callable never called the model")
+    return got[0]
 
 
 @dataclass
@@ -125,6 +161,8 @@ class ActivationCollector:
 
     def _hook(self, name: str, axis: int, segments: list[int], prefix: int):
         def hook(_m: nn.Module, args: tuple) -> None:
+            if getattr(self.clock, "held_back", False):  # a call kept for verification
+                return
             t = self.clock.value
             x = args[0][:, prefix:] if prefix and args[0].dim() == 3 else args[0]
             found = segment_stats(x, axis, segments)

@@ -140,11 +140,10 @@ def _run_bench(s: BenchSettings) -> dict:
     rss0 = _rss()
     bf16 = copy.deepcopy(unet).to(torch.bfloat16).to(memory_format=torch.channels_last)
     rss_bf16 = _rss() - rss0
-    from diffq.integrations.unet import skip_concat_segments
 
     q = copy.deepcopy(unet)
     rss1 = _rss()
-    quantize(q, s.recipe, calibration=_calls(x, ctx), segments=skip_concat_segments(q))
+    quantize(q, s.recipe, calibration=_calls(x, ctx))
     rss_q = _rss() - rss1
     # float ops in fp32 too: on CPUs without AMX, fp32 beats bf16 and is the baseline to beat
     q32 = copy.deepcopy(q).to(memory_format=torch.channels_last)

@@ -16,6 +16,7 @@ from torchmetrics.functional import spearman_corrcoef
 from tqdm.auto import tqdm
 
 from diffq.api import (
+    ALL,
     LayerStats,
     MixedResult,
     Plan,
@@ -29,21 +30,24 @@ from diffq.api import (
     plan_mixed,
     quantize,
     save_stats,
+    verifiable,
     weight_bytes,
 )
 from diffq.assets import shipped
 from diffq.commands.settings import SamplingSettings
 from diffq.errors import InputError
-from diffq.eval.plots import activation_range_plot, draw_optional, mixed_precision_plots
+from diffq.eval.plots import activation_range_plot, draw_optional, mixed_precision_plots, verification_plot
 from diffq.integrations.pipeline import (
+    VERIFY_BATCH,
     calibration_pass,
     check_pipeline_dir,
+    denoiser_structure,
     load_pipeline,
     sample_latents,
     save_quantized_pipeline,
     unet_calls,
 )
-from diffq.integrations.unet import check_groups, skip_concat_segments
+from diffq.integrations.unet import check_groups
 from diffq.io import (
     check_at_least,
     check_output,
@@ -130,22 +134,22 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     pipe = load_pipeline(s.model, progress=progress)
     unet = pipe.unet
     fp_bytes = weight_bytes(unet)
-    segments = skip_concat_segments(unet)
-    p = plan(unet, recipe, segments)  # activation specs do not depend on mixed widths
-    stats = None
+    structure = denoiser_structure(pipe, prompts[0], s.seed, s.steps, s.guidance)
+    p = plan(unet, recipe, structure=structure)  # activation specs do not depend on mixed widths
+    stats, held = None, []
     if p.static:
-        stats = _collect(s, pipe, prompts, p, progress and state.is_main_process, state)
+        stats, held = _collect(s, pipe, prompts, p, progress and state.is_main_process, state)
     mixed = None
     if recipe.mixed is not None:
         mixed = _plan_mixed(s, pipe, prompts, recipe, progress)
         recipe = mixed.recipe
-        p = plan(unet, recipe, segments)
+        p = plan(unet, recipe, structure=structure)
     inputs = {}
     if p.needs:  # GPTQ / AWQ / smoothing need the layer inputs: one more pass over the prompts
         with calibrate(unet, p, activations=False) as cal:
             cal.run(_sampling_pass(s, pipe, prompts, progress))
         inputs = cal.input_stats
-    convert(unet, p, stats, inputs)
+    convert(unet, p, stats, inputs, verify=held)
     unet.diffq.report.mixed = mixed
     comps = {"unet": unet}
     for name in recipe.components:
@@ -166,6 +170,8 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     }
     if mixed is not None:
         report["mixed"] = mixed_summary(mixed)
+    if unet.diffq.report.verification is not None:
+        report["verification"] = unet.diffq.report.verification
     if not state.is_main_process:  # every process quantized the same merged statistics
         return {**report, "seconds": round(time.perf_counter() - t0, 1), "written": False}
     with writing_directory(s.out, s.overwrite) as tmp:  # the finished work, published first
@@ -202,7 +208,13 @@ def _figures(out: Path, stats: dict | None, mixed: MixedResult | None, unet) -> 
         figures, w = draw_optional("mixed-precision figures", lambda: mixed_precision_plots(
             mixed.table, mixed.allocation.bits, out))
         warnings += [w] if w else []
-    return {"plotted_layers": plotted, "mixed_figures": figures, "warnings": warnings}
+    checked: list[str] = []
+    v = unet.diffq.report.verification
+    if v is not None:
+        checked, w = draw_optional("verification figure", lambda: verification_plot(v, out))
+        warnings += [w] if w else []
+    return {"plotted_layers": plotted, "mixed_figures": figures, "verification_figures": checked,
+            "warnings": warnings}
 
 
 def _sampling_pass(s: CalibrateSettings, pipe, prompts: list[str], progress: bool):
@@ -271,14 +283,16 @@ def _settings_diff(cached: dict, now: dict) -> str:
                      for k in sorted(set(cached) | set(now)) if cached.get(k) != now.get(k))
 
 
-def _collect(s, pipe, prompts, p: Plan, progress, procs: Processes = Processes()) -> dict:
+def _collect(s, pipe, prompts, p: Plan, progress, procs: Processes = Processes()) -> tuple[dict, list]:
     """Collect in prompt batches; after each batch the statistics so far are cached next to the
     output, so an interrupted run continues with --resume (a plain rerun says what it discards).
     With several processes each takes every count-th batch (same seeds as one process would
-    use) and nothing is cached. The bar moves every denoising step."""
+    use) and nothing is cached. The bar moves every denoising step. Returns (statistics, the
+    held-back calls of batch VERIFY_BATCH, which the statistics leave out)."""
     cache = _cache_dir(s.out)
     meta = {**asdict_str(s), "recipe": p.recipe.name}
-    stats, done = None, 0
+    stats, done, held = None, 0, []
+    verifying = verifiable(p) and len(prompts) > s.batch_size  # another batch gives the statistics
     if (cache / "progress.json").is_file():
         info = json.loads((cache / "progress.json").read_text())
         if not s.resume:
@@ -306,14 +320,49 @@ def _collect(s, pipe, prompts, p: Plan, progress, procs: Processes = Processes()
         def drive(batch=batch, i=i, step_done=step_done):
             sample_latents(pipe, batch, s.seed + i, s.steps, s.guidance, step_done)
 
-        with calibrate(pipe.unet, p, inputs=False) as cal:
+        held_batch = verifying and i // s.batch_size == VERIFY_BATCH
+        with calibrate(pipe.unet, p, inputs=False, holdout=ALL if held_batch else 0) as cal:
             cal.run(drive)
+        if held_batch:  # this batch's calls check the scales the others give
+            held += cal.held
+            continue
         stats = merge_stats(stats, cal.activation_stats)
         if procs.count == 1:
             save_stats(stats, cache / "stats.safetensors", meta)
             write_json(cache / "progress.json", {"meta": meta, "done": i + len(batch)})
     bar.close()
-    return stats if procs.count == 1 else gather_stats(stats, procs)
+    if procs.count == 1:
+        return stats, held
+    return gather_stats(stats, procs), gather_calls(held, procs)
+
+
+def gather_calls(calls: list, procs: Processes) -> list:
+    """The held-back calls of every process (one process ran the verification batch)."""
+    import torch.distributed as dist
+
+    parts: list = [None] * procs.count
+    dist.all_gather_object(parts, calls)
+    return [c for part in parts for c in part]
+
+
+def _verification_section(md: Markdown, v: dict, figures: list[str]) -> None:
+    layers = v["layers"]
+    moved = Counter(d["choice"] for d in layers.values())
+    widened = (f"; {len(v['widened'])} layers widened to dynamic by the whole-model check"
+               if v["widened"] else "")
+    md.heading("Verification", 2).text(
+        f"Static scales checked on {v['calls']} UNet calls held back from the statistics (one prompt "
+        f"batch, every timestep). Whole model on them: **{v['sqnr_db']:.2f} dB** output SQNR vs FP, "
+        f"all-dynamic W8A8 {v['dynamic_sqnr_db']:.2f} dB (the bar: no more than 0.5 dB below). "
+        f"Per layer: {', '.join(f'{n} {c}' for c, n in moved.most_common())}{widened}.")
+    for f in figures:
+        md.image(f, "per-layer output SQNR on the held-back calls, before and after")
+    worst = sorted(layers.items(), key=lambda kv: kv[1]["sqnr_db"]["static"])[:20]
+    md.text("The 20 layers with the largest static error:")
+    md.table(["layer", "role", "static dB", "percentile dB", "mse dB", "dynamic dB", "choice"],
+             [(f"`{n}`", d["role"], *(f"{d['sqnr_db'][k]:.1f}" if k in d["sqnr_db"] else "-"
+                                     for k in ("static", "percentile", "mse", "dynamic")), d["choice"])
+              for n, d in worst])
 
 
 def _write_report(out: Path, r: dict) -> None:
@@ -343,6 +392,8 @@ def _write_report(out: Path, r: dict) -> None:
             f"correlation at the lowest width: {rho}.")
         for f in r["mixed_figures"]:
             md.image(f, f)
+    if "verification" in r:
+        _verification_section(md, r["verification"], r.get("verification_figures", []))
     md.table(["layer", "scheme"], [*((f"`{n}`", v) for n, v in r["layers"].items()),
                                    *((f"`{n}`", f"float ({why})") for n, why in r["skipped"].items())])
     write_text(out / "report.md", str(md))

@@ -12,13 +12,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffq.api import calibrate, convert, load_recipe, plan, plan_mixed, weight_bytes
+from diffq.api import ALL, calibrate, convert, load_recipe, plan, plan_mixed, verifiable, weight_bytes
 from diffq.assets import shipped
 from diffq.commands.evaluate import EvalSettings, check_settings, real_images, score, scorers
 from diffq.errors import InputError
 from diffq.eval.grid import image_grid
-from diffq.integrations.pipeline import calibration_pass, generate, load_pipeline, unet_calls
-from diffq.integrations.unet import check_groups, skip_concat_segments
+from diffq.integrations.pipeline import (
+    VERIFY_BATCH,
+    calibration_pass,
+    denoiser_structure,
+    generate,
+    load_pipeline,
+    unet_calls,
+)
+from diffq.integrations.unet import check_groups
 from diffq.io import check_at_least, read_prompts, write_text, writing_directory
 from diffq.markdown import Markdown
 
@@ -35,24 +42,29 @@ class CompareSettings(EvalSettings):
     out: Path = Path("out/compare")
 
 
-def _shared_stats(pipe, recipes, s: CompareSettings, progress: bool):
+def _shared_stats(pipe, recipes, s: CompareSettings, structure, progress: bool) -> tuple[dict, list]:
     """One collection on the FP UNet covering every static layer of every recipe (an input is
-    split by channel segment where any recipe splits it; `convert` unsplits for the others)."""
+    split by channel segment where any recipe splits it; `convert` unsplits for the others),
+    and the calls of the prompt batch that `diffq calibrate` holds back for verification."""
     unet = pipe.unet
-    segments = skip_concat_segments(unet)
-    plans = [p for p in (plan(unet, r, segments) for r in recipes) if p.static]
+    plans = [p for p in (plan(unet, r, structure=structure) for r in recipes) if p.static]
     if not plans:
-        return {}
+        return {}, []
+    verifying = any(verifiable(p) for p in plans) and s.num_prompts > s.batch_size
     with calibrate(unet, plans, inputs=False) as cal:
-        cal.run(_calibration_pass(pipe, s), progress)
-    return cal.activation_stats
+        cal.run(_calibration_pass(pipe, s, lambda k: not verifying or k != VERIFY_BATCH), progress)
+    if not verifying:
+        return cal.activation_stats, []
+    with calibrate(unet, plans, inputs=False, holdout=ALL) as held:
+        held.run(_calibration_pass(pipe, s, lambda k: k == VERIFY_BATCH))
+    return cal.activation_stats, held.held
 
 
-def _calibration_pass(pipe, s: CompareSettings):
+def _calibration_pass(pipe, s: CompareSettings, batches=None):
     """A callable sampling the calibration prompts with whatever UNet `pipe` holds, with the
     seeds `diffq calibrate --seed SEED` uses, so its statistics are the same."""
     prompts = read_prompts(s.calib_prompts)[: s.num_prompts]
-    return calibration_pass(pipe, prompts, s.seed, s.steps, s.guidance, s.batch_size)
+    return calibration_pass(pipe, prompts, s.seed, s.steps, s.guidance, s.batch_size, batches=batches)
 
 
 def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
@@ -72,8 +84,8 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
     fp_imgs = generate(pipe, prompts, seeds, desc="fp", **kw)
     fp_seconds = (time.perf_counter() - t0) / len(prompts)
     real, real_desc = real_images(s, fp_imgs[0].size[0])
-    stats = _shared_stats(pipe, recipes.values(), s, progress)
-    segments = skip_concat_segments(fp_unet)
+    structure = denoiser_structure(pipe, prompts[0], s.seed, s.steps, s.guidance)
+    stats, held = _shared_stats(pipe, recipes.values(), s, structure, progress)
     fp_bytes = weight_bytes(fp_unet)
     rows, grid_rows = [], []
     for name in s.schemes:
@@ -86,7 +98,7 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
                 calls = unet_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
                                    s.guidance, s.seed, recipe.mixed.timesteps)
                 recipe = plan_mixed(unet, recipe, calls, progress=progress).recipe
-            p = plan(unet, recipe, segments)
+            p = plan(unet, recipe, structure=structure)
             pipe.unet = unet  # GPTQ / AWQ read this UNet's layer inputs while the pipeline samples
             try:
                 inputs = {}
@@ -94,7 +106,7 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
                     with calibrate(unet, p, activations=False) as cal:
                         cal.run(_calibration_pass(pipe, s))
                     inputs = cal.input_stats
-                convert(unet, p, stats, inputs)
+                convert(unet, p, stats, inputs, verify=held if verifiable(p) else None)
                 t0 = time.perf_counter()
                 imgs = generate(pipe, prompts, seeds, desc=name, **kw)
                 secs = (time.perf_counter() - t0) / len(prompts)

@@ -15,6 +15,8 @@ from diffq.core.storage import Layout, storage_format
 from diffq.errors import RecipeError
 
 WeightFormat = Literal["int8", "int4", "fp8_e4m3", "fp8_e5m2", "nf4", "q8_0"]
+# what a layer does in the network, found by tracing one call (see diffq.calib.structure)
+Role = Literal["input", "output", "embedding", "modulation", "context", "skip"]
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,22 @@ class ActivationSpec:
 
 @dataclass(frozen=True)
 class Override:
-    """Layers whose name matches any `match` glob get these specs (complete specs, not patches)."""
+    """Layers whose name matches any `match` glob, or that play any of `roles`, get these specs
+    (complete specs, not patches)."""
 
-    match: list[str]
+    match: list[str] = field(default_factory=list)
     weights: WeightSpec | None = None
     activations: ActivationSpec | None = None
     keep_float: bool = False
+    roles: list[Role] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.match and not self.roles:
+            raise RecipeError("an override needs 'match' (name globs) or 'roles'")
+
+    def applies(self, layer_name: str, roles: frozenset[str]) -> bool:
+        return (any(fnmatch.fnmatchcase(layer_name, p) for p in self.match)
+                or bool(roles & set(self.roles)))
 
 
 @dataclass(frozen=True)
@@ -230,6 +242,8 @@ class Recipe:
     weights: WeightSpec = field(default_factory=WeightSpec)
     activations: ActivationSpec | None = None
     skip: list[str] = field(default_factory=list)
+    # roles kept in float whatever their names (e.g. [input, output, embedding])
+    keep_float: list[Role] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
     # pipeline components `diffq calibrate` quantizes; text encoders get timestep_groups 1
     components: list[Literal["unet", "transformer", "text_encoder", "text_encoder_2"]] = field(
@@ -241,6 +255,9 @@ class Recipe:
     # calibrate one decoder block at a time on the quantized previous block's outputs
     # (None: yes for causal LMs whose recipe needs layer inputs)
     sequential: bool | None = None
+    # static int8 activations: hold calibration calls back, measure every layer and the whole
+    # model on them, fall back (observer, dynamic) where static scales fall out of line
+    verify: bool = True
 
     def validate(self) -> None:
         if not self.components:
@@ -251,20 +268,29 @@ class Recipe:
         def flat(a):
             return None if a is None else replace(a, timestep_groups=1, split_skip=False)
 
-        return replace(self, activations=flat(self.activations),
-                       overrides=[replace(o, activations=flat(o.activations)) for o in self.overrides])
+        return replace(self, activations=flat(self.activations), keep_float=[],
+                       overrides=[replace(o, activations=flat(o.activations)) for o in self.without_roles()])
 
-    def plan_for(self, layer_name: str) -> LayerPlan | None:
-        """The scheme for `layer_name`, or None when it stays float. Later overrides win."""
-        if any(fnmatch.fnmatchcase(layer_name, p) for p in self.skip):
+    def without_roles(self) -> list[Override]:
+        """The overrides that match by name (role rules dropped), for models no call traces."""
+        return [replace(o, roles=[]) for o in self.overrides if o.match]
+
+    def plan_for(self, layer_name: str, roles: frozenset[str] = frozenset()) -> LayerPlan | None:
+        """The scheme for `layer_name` playing `roles`, or None when it stays float. Later
+        overrides win."""
+        if any(fnmatch.fnmatchcase(layer_name, p) for p in self.skip) or roles & set(self.keep_float):
             return None
         plan = LayerPlan(self.weights, self.activations)
         for ov in self.overrides:
-            if any(fnmatch.fnmatchcase(layer_name, p) for p in ov.match):
+            if ov.applies(layer_name, roles):
                 if ov.keep_float:
                     return None
                 plan = LayerPlan(ov.weights or plan.weights, ov.activations or plan.activations)
         return plan
+
+    def uses_roles(self) -> bool:
+        """Whether resolving this recipe needs the layers' roles (one traced call)."""
+        return bool(self.keep_float) or any(ov.roles for ov in self.overrides)
 
     def patterns(self) -> list[str]:
         mixed = [p for r in self.mixed.min_bits for p in r.match] if self.mixed else []

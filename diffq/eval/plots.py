@@ -128,3 +128,31 @@ def mixed_precision_plots(table, chosen_bits: dict[str, int], out: Path) -> list
     ax.set_title("proxy vs measured sensitivity", fontsize=9)
     _save(fig, out / "proxy.png")
     return ["sensitivity.png", "bits.png", "proxy.png"]
+
+
+def verification_plot(verification: dict, out: Path) -> list[str]:
+    """Per-layer output SQNR on the held-back calls along the network (model order): the
+    recipe's static scales (before) and what was chosen (after), dynamic for reference."""
+    layers = verification["layers"]
+    names = list(layers)
+    x = range(len(names))
+
+    def series(key):
+        return [min(layers[n]["sqnr_db"][key], 80.0) for n in names]
+
+    def chosen(n):
+        c = layers[n]["choice"]
+        return min(layers[n]["sqnr_db"]["dynamic" if c.startswith("dynamic") else c], 80.0)
+
+    fig, ax = _figure((max(6.0, len(names) * 0.09), 3.6))
+    ax.plot(x, series("static"), "o-", ms=3, lw=1, label="static scales (before)")
+    ax.plot(x, [chosen(n) for n in names], "s-", ms=3, lw=1, label="chosen (after)")
+    ax.plot(x, series("dynamic"), ":", lw=1, color="gray", label="dynamic")
+    ax.set_xlabel("layer, in model order")
+    ax.set_ylabel("output SQNR on held-back calls (dB)")
+    ax.set_title(f"{len(names)} static layers, {verification['calls']} held-back calls; whole model "
+                 f"{verification['sqnr_db']:.1f} dB vs all-dynamic {verification['dynamic_sqnr_db']:.1f} dB")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, out / "verification.png")
+    return ["verification.png"]

@@ -89,7 +89,8 @@ class DiffqConfigMixin:
         self.resolved = _recipe_from(recipe, weights, group_size)  # fails early on a bad scheme
 
     def quantize_recipe(self) -> Recipe:
-        """The recipe applied on load, with `modules_to_not_convert` kept in float."""
+        """The recipe applied on load, with `modules_to_not_convert` kept in float. Loading runs
+        no call to trace, so role rules (keep_float: [input, ...]) do not apply here."""
         r = self.resolved
         if r.needs_calibration():
             raise DiffqConfigError(
@@ -97,7 +98,7 @@ class DiffqConfigMixin:
                 "diffq.quantize(model, recipe, calibration=...) or `diffq calibrate`, then save_pretrained; "
                 "or load with a weight-only scheme (DiffqConfig(weights='int8'))")
         skip = [*r.skip, *self.modules_to_not_convert, *(f"{m}.*" for m in self.modules_to_not_convert)]
-        return Recipe.from_dict({**r.to_dict(), "skip": skip})
+        return replace(r, skip=skip, keep_float=[], overrides=r.without_roles())
 
     def to_dict(self) -> dict[str, Any]:
         d = {"quant_method": QUANT_METHOD, "format_version": self.format_version,

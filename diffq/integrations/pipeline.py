@@ -12,6 +12,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffq.assets import check_exists
+from diffq.calib.collector import first_call
+from diffq.calib.structure import Structure, trace_structure
 from diffq.checkpoint import META_FILE, load
 from diffq.errors import CheckpointError, InputError
 from diffq.integrations.adapters import register
@@ -141,13 +143,25 @@ def sample_latents(pipe, prompts: list[str], first_seed: int, steps: int, guidan
          output_type="latent", **kw)
 
 
+VERIFY_BATCH = 1  # the calibration prompt batch held back to verify the scales the others give
+
+
 def calibration_pass(pipe, prompts: list[str], seed: int, steps: int, guidance: float,
-                     batch_size: int, progress: bool = False):
-    """A callable that samples every calibration prompt once, in batches (`sample_latents`)."""
+                     batch_size: int, progress: bool = False, batches=None):
+    """A callable that samples every calibration prompt once, in batches (`sample_latents`);
+    `batches(k)` True for the batch indices to run (default: all)."""
     def drive():
         for i in tqdm(range(0, len(prompts), batch_size), desc="layer inputs", disable=not progress):
-            sample_latents(pipe, prompts[i:i + batch_size], seed + i, steps, guidance)
+            if batches is None or batches(i // batch_size):
+                sample_latents(pipe, prompts[i:i + batch_size], seed + i, steps, guidance)
     return drive
+
+
+def denoiser_structure(pipe, prompt: str, seed: int, steps: int, guidance: float) -> Structure:
+    """The denoiser's layer roles and skip concats, traced on its first call while sampling
+    `prompt` (the run stops at that call)."""
+    call = first_call(pipe.unet, calibration_pass(pipe, [prompt], seed, steps, guidance, 1))
+    return trace_structure(pipe.unet, *call)
 
 
 def unet_calls(pipe, prompts: list[str], steps: int, guidance: float, seed: int, timesteps: int) -> list:

@@ -32,6 +32,7 @@ class QuantizationReport:
     unmatched_patterns: list[str] = field(default_factory=list)
     sequential: bool = False  # calibrated block by block (diffq.sequential)
     mixed: Any = None  # diffq.api.MixedResult of a mixed-precision recipe: table, widths, errors
+    verification: dict | None = None  # held-back checks of static layers (diffq.api.convert)
 
     def summary(self) -> str:
         lines = [f"recipe {self.recipe}: {len(self.quantized)} layers quantized, "
@@ -51,8 +52,11 @@ def _group_problem(module: nn.Module, plan: LayerPlan) -> str | None:
     return None
 
 
-def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan], QuantizationReport]:
-    """Resolve the recipe against `model`'s Linear/Conv2d layers."""
+def plan_layers(model: nn.Module, recipe: Recipe, roles: dict[str, set[str]] | None = None
+                ) -> tuple[dict[str, LayerPlan], QuantizationReport]:
+    """Resolve the recipe against `model`'s Linear/Conv2d layers, which play `roles` (see
+    `diffq.calib.structure`; needed when the recipe names roles)."""
+    roles = roles or {}
     report = QuantizationReport(recipe.name)
     plans: dict[str, LayerPlan] = {}
     names = []
@@ -61,12 +65,15 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
         if isinstance(m, QuantizedLayer):
             report.skipped[name] = "already quantized"
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            plan = recipe.plan_for(name)
+            played = frozenset(roles.get(name, ()))
+            plan = recipe.plan_for(name, played)
             problem = None if plan is None else _group_problem(m, plan)
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 problem = f"padding_mode {m.padding_mode!r} unsupported"
+            kept = sorted(played & set(recipe.keep_float))
             if plan is None:
-                report.skipped[name] = "kept float by recipe"
+                report.skipped[name] = f"kept float by recipe (role {', '.join(kept)})" if kept \
+                    else "kept float by recipe"
             elif problem:
                 report.skipped[name] = problem
             else:

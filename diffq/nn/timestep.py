@@ -19,6 +19,7 @@ class TimestepClock:
 
     def __init__(self) -> None:
         self.value: float | None = None
+        self.held_back = False  # the call in progress is kept out of calibration statistics
 
 
 def default_timestep_of(args: tuple, kwargs: dict) -> Any:

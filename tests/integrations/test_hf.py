@@ -15,7 +15,6 @@ import diffq
 from diffq import DiffqConfig
 from diffq.errors import CheckpointError
 from diffq.integrations.pipeline import apply_quantized
-from diffq.integrations.unet import skip_concat_segments
 from diffq.nn import QConv2d, QLinear
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +92,7 @@ def calibrated(tmp_path_factory):
     def drive():
         pipe(PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(7), output_type="latent")
 
-    diffq.quantize(pipe.unet, "w8a8", calibration=drive, segments=skip_concat_segments(pipe.unet))
+    diffq.quantize(pipe.unet, "w8a8", calibration=drive)
     out = tmp_path_factory.mktemp("w8a8") / "pipe"
     pipe.save_pretrained(out)
     return pipe, out

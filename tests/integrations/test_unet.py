@@ -3,8 +3,8 @@ import torch
 
 import diffq
 from diffq.calib.collector import ActivationCollector, LayerStats
+from diffq.calib.structure import trace_structure
 from diffq.core import sqnr_db
-from diffq.integrations.unet import skip_concat_segments
 from diffq.nn.timestep import TimestepClock, install_clock
 
 diffusers = pytest.importorskip("diffusers")
@@ -28,9 +28,27 @@ def _calls(n=6, seed=0):
             for t in torch.linspace(999, 1, n).round().tolist()]
 
 
-def test_skip_segments_match_the_concat(unet):
-    seg = skip_concat_segments(unet)
-    assert seg, "the up path consumes skip connections"
+def _channel_arithmetic(unet) -> dict[str, list[int]]:
+    """What diffusers' up blocks concatenate, from their channel counts (the reference)."""
+    prev, out = unet.mid_block.resnets[-1].out_channels, {}
+    for i, block in enumerate(unet.up_blocks):
+        for j, res in enumerate(block.resnets):
+            if res.in_channels > prev:
+                for layer in ("conv1", "conv_shortcut"):
+                    if isinstance(getattr(res, layer, None), torch.nn.Conv2d):
+                        out[f"up_blocks.{i}.resnets.{j}.{layer}"] = [prev, res.in_channels - prev]
+            prev = res.out_channels
+    return out
+
+
+def test_traced_skip_segments_match_the_concat(unet):
+    st = trace_structure(unet, *_calls(1)[0])
+    seg = st.segments
+    assert seg and seg == _channel_arithmetic(unet), "the up path consumes skip connections"
+    assert st.with_role("input") == ["conv_in"] and st.with_role("output") == ["conv_out"]
+    assert set(st.with_role("embedding")) == {"time_embedding.linear_1", "time_embedding.linear_2"}
+    assert all(n.endswith("time_emb_proj") for n in st.with_role("modulation"))
+    assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in st.with_role("context"))
     for name, (h, skip) in seg.items():
         assert unet.get_submodule(name).in_channels == h + skip
     # the second half of each cat is the skip tensor popped from the down path
@@ -61,7 +79,7 @@ def test_w8a8_on_diffusers_unet_with_split_and_groups(unet, tmp_path):
     args, kwargs = _calls(1, seed=7)[0]
     with torch.no_grad():
         ref = unet(*args, **kwargs).sample
-    diffq.quantize(model, "w8a8", calibration=_calls(8), segments=skip_concat_segments(model))
+    diffq.quantize(model, "w8a8", calibration=_calls(8))  # roles and skip splits traced
     q = model.get_submodule("up_blocks.1.resnets.0.conv1").input_quant
     assert q.scale.shape == (4, 2) and len(q.segments) == 2
     assert not torch.equal(q.scale[:, 0], q.scale[:, 1])  # the halves really differ in range
