@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,10 @@ from diffq.calib.collector import (
     unsplit,
 )
 from diffq.calib.hessian import InputCollector, InputStats
-from diffq.calib.scales import choose_boundaries, scale_table
+from diffq.calib.scales import choose_boundaries, scale_table, smoothed_table
 from diffq.calib.store import load_stats, merge_stats, save_stats
 from diffq.calib.structure import Structure, trace_structure
-from diffq.calib.verify import Verification, verify_layers
+from diffq.calib.verify import Verification, dynamic_twin_outputs, verify_layers
 from diffq.core.config import from_dict, to_dict
 from diffq.core.quant import sqnr_db
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec, load_recipe
@@ -258,17 +258,21 @@ def convert(model: nn.Module, plan: Plan,
         key = (spec.timestep_groups, spec.timestep_grouping)
         if key not in bounds:
             bounds[key] = choose_boundaries(stats, *key)
-    check = None
+    check, smooth = None, {}
     if verify and verifiable(plan):
         check = _check_layers(model, plan, stats, bounds, verify, timestep_of)
         plan = _with_fallbacks(plan, check.verification)
         stats = {n: st for n, st in stats.items() if n in plan.static}
+        smooth = {n: c.smooth for n, c in check.verification.layers.items() if c.choice == "smooth"}
     prepared, converted = prepare_and_convert(model, plan.layers, {n: input_stats[n] for n in plan.needs},
-                                              plan.segments, offload_context(model))
+                                              plan.segments, offload_context(model), smooth)
     for name, st in stats.items():
         spec = plan.layers[name].activations
         key = (spec.timestep_groups, spec.timestep_grouping)
-        scale, zp = scale_table(st, bounds[key], spec)
+        if name in smooth:
+            scale, zp = smoothed_table(unsplit(st), bounds[key], smooth[name]), None
+        else:
+            scale, zp = scale_table(st, bounds[key], spec)
         converted[name].input_quant.set_table(scale, bounds[key], zp)
     _finish(model, plan, prepared, timestep_of)
     if check is not None:
@@ -284,28 +288,26 @@ class _Check:
     verification: Verification
     calls: list
     reference: list  # the float model's outputs on `calls`
-    timestep_of: TimestepOf | None
+    dynamic_db: float  # plain all-dynamic W8A8 (fake-quant twin of the float model) on them
     margin_db: float = 0.5
 
     def _sqnr(self, model: nn.Module) -> float:
         with torch.inference_mode():
             out = [_output_tensor(call_model(model, c)) for c in self.calls]
-        return sqnr_db(torch.cat([r.flatten() for r in self.reference]),
-                       torch.cat([o.flatten() for o in out]))
+        return _joint_sqnr(self.reference, out)
 
     def widen(self, model: nn.Module, plan: Plan) -> dict:
-        """Measure the converted model and an all-dynamic twin (same weights); while the model
-        is more than `margin_db` below it, switch the static layers with the largest measured
-        gap to dynamic, a quarter of those left at a time."""
+        """Measure the converted model; while it is more than `margin_db` below plain
+        all-dynamic W8A8, switch the static layers with the largest measured gap to dynamic,
+        an eighth of those left at a time."""
         static = [n for n in plan.static]
-        chosen = self._sqnr(model)
-        with _all_dynamic(model, static):
-            dynamic = self._sqnr(model)
+        chosen, dynamic = self._sqnr(model), self.dynamic_db
         widened: list[str] = []
         v = self.verification.layers
         order = sorted(static, key=lambda n: v[n].sqnr["dynamic"] - v[n].chosen_db, reverse=True)
         while chosen < dynamic - self.margin_db and order:
-            step, order = order[: max(1, len(order) // 4)], order[max(1, len(order) // 4):]
+            k = max(1, len(order) // 8)
+            step, order = order[:k], order[k:]
             for n in step:
                 _set_dynamic(model.get_submodule(n))
             widened += step
@@ -335,26 +337,22 @@ def _set_dynamic(layer: QuantizedLayer) -> ActivationQuantizer:
     return old
 
 
-@contextmanager
-def _all_dynamic(model: nn.Module, names: list[str]):
-    kept = {n: _set_dynamic(model.get_submodule(n)) for n in names}
-    try:
-        yield
-    finally:
-        for n, q in kept.items():
-            model.get_submodule(n).input_quant = q
+def _joint_sqnr(reference: list, out: list) -> float:
+    return sqnr_db(torch.cat([r.flatten() for r in reference]), torch.cat([o.flatten() for o in out]))
 
 
 def _check_layers(model, plan: Plan, stats, bounds, calls: list, timestep_of) -> _Check:
     clock = TimestepClock()
     handle = install_clock(model, clock, timestep_of)
     try:
-        v = verify_layers(model, plan.layers, stats, plan.segments, bounds, calls, clock)
+        v = verify_layers(model, plan.layers, stats, plan.segments, bounds, calls, clock,
+                          no_smooth=frozenset(plan.needs))
         with torch.inference_mode():
             ref = [_output_tensor(call_model(model, c)) for c in calls]
+        dyn = dynamic_twin_outputs(model, plan.layers, list(stats), calls, _output_tensor)
     finally:
         handle.remove()
-    return _Check(v, calls, ref, timestep_of)
+    return _Check(v, calls, ref, _joint_sqnr(ref, dyn))
 
 
 def verifiable(plan: Plan) -> bool:
@@ -364,14 +362,25 @@ def verifiable(plan: Plan) -> bool:
 
 def _with_fallbacks(plan: Plan, v) -> Plan:
     """The plan with each verified layer's chosen observer, or dynamic activations."""
-    layers = dict(plan.layers)
-    for n, choice in v.fallbacks().items():
+    layers, moved, skipped = dict(plan.layers), v.fallbacks(), dict(plan.skipped)
+    for n, choice in moved.items():
         a = layers[n].activations
-        a = dynamic_spec(a) if choice == "dynamic" else dataclasses.replace(a, observer=choice)
+        if choice == "float":
+            sq = v.layers[n].sqnr
+            skipped[n] = (f"kept float by verification (int8 output SQNR {sq['static']:.1f} dB static, "
+                          f"{sq['dynamic']:.1f} dB dynamic)")
+            del layers[n]
+            continue
+        if choice == "dynamic":
+            a = dynamic_spec(a)
+        elif choice == "smooth":  # one scale for the smoothed input: no split
+            a = dataclasses.replace(a, split_skip=False)
+        else:
+            a = dataclasses.replace(a, observer=choice)
         layers[n] = LayerPlan(layers[n].weights, a)
-    return dataclasses.replace(plan, layers=layers,
-                               segments={n: s for n, s in plan.segments.items() if n not in v.fallbacks()
-                                         or v.fallbacks()[n] != "dynamic"})
+    return dataclasses.replace(plan, layers=layers, skipped=skipped, needs={
+        n: nd for n, nd in plan.needs.items() if n in layers}, segments={
+        n: s for n, s in plan.segments.items() if moved.get(n) not in ("dynamic", "smooth", "float")})
 
 
 def dynamic_spec(a: ActivationSpec) -> ActivationSpec:

@@ -78,17 +78,20 @@ class LayerStats:
     """Statistics of one layer input per timestep value (NaN: calls without a timestep).
 
     timesteps [T] ascending; minmax [T, 2, S] (min, max per channel segment); hist [T, S, BINS]
-    int64 counts of |x| over [0, 2^exponent); exponent [T, S].
+    int64 counts of |x| over [0, 2^exponent); exponent [T, S]; chmax [T, C] max |x| per input
+    channel (what per-channel smoothing balances; None in statistics saved before it existed).
     """
 
     timesteps: torch.Tensor
     minmax: torch.Tensor
     hist: torch.Tensor
     exponent: torch.Tensor
+    chmax: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"timesteps": self.timesteps, "minmax": self.minmax, "hist": self.hist,
-                "exponent": self.exponent}
+        t = {"timesteps": self.timesteps, "minmax": self.minmax, "hist": self.hist,
+             "exponent": self.exponent}
+        return t if self.chmax is None else {**t, "chmax": self.chmax}
 
     @classmethod
     def merge(cls, a: LayerStats, b: LayerStats) -> LayerStats:
@@ -96,7 +99,8 @@ class LayerStats:
         acc = _Accumulator(a.minmax.shape[-1])
         for st in (a, b):
             for i, t in enumerate(st.timesteps.tolist()):
-                acc.add(t, st.minmax[i], st.hist[i], st.exponent[i].tolist())
+                acc.add(t, st.minmax[i], st.hist[i], st.exponent[i].tolist(),
+                        None if st.chmax is None else st.chmax[i])
         return acc.finish()
 
 
@@ -105,26 +109,31 @@ class _Accumulator:
         self.segments = segments
         self.by_t: dict[float, list] = {}
 
-    def add(self, t: float, minmax: torch.Tensor, hist: torch.Tensor, exps: list[int]) -> None:
+    def add(self, t: float, minmax: torch.Tensor, hist: torch.Tensor, exps: list[int],
+            chmax: torch.Tensor | None = None) -> None:
         # NaN is no usable dict key: calls without a timestep share the key -inf
         key = -math.inf if t is None or math.isnan(t) else float(t)
         cur = self.by_t.get(key)
         if cur is None:
-            self.by_t[key] = [minmax.clone(), hist.clone(), list(exps)]
+            ch = None if chmax is None else chmax.clone()
+            self.by_t[key] = [minmax.clone(), hist.clone(), list(exps), ch]
             return
         cur[0][0] = torch.minimum(cur[0][0], minmax[0])
         cur[0][1] = torch.maximum(cur[0][1], minmax[1])
+        cur[3] = None if chmax is None or cur[3] is None else torch.maximum(cur[3], chmax)
         for s in range(self.segments):
             cur[1][s], cur[2][s] = H.merge(cur[1][s], cur[2][s], hist[s], exps[s])
 
     def finish(self) -> LayerStats:
         keys = sorted(self.by_t)
         ts = torch.tensor([float("nan") if k == -math.inf else k for k in keys], dtype=torch.float64)
+        ch = [self.by_t[k][3] for k in keys]
         return LayerStats(
             ts,
             torch.stack([self.by_t[k][0] for k in keys]),
             torch.stack([self.by_t[k][1] for k in keys]),
             torch.tensor([self.by_t[k][2] for k in keys], dtype=torch.int64),
+            None if any(c is None for c in ch) else torch.stack(ch),
         )
 
 
@@ -169,7 +178,9 @@ class ActivationCollector:
             if found is None:
                 where = "" if t is None else f" at timestep {t:g}"
                 raise CalibrationError(f"non-finite activation (NaN/Inf) entering layer {name!r}{where}")
-            self._acc[name].add(t, *found)
+            ax = axis % x.dim()
+            chmax = x.detach().abs().amax(dim=[d for d in range(x.dim()) if d != ax]).float().cpu()
+            self._acc[name].add(t, *found, chmax)
 
         return hook
 
@@ -222,7 +233,7 @@ def unsplit(st: LayerStats) -> LayerStats:
     e = st.exponent.amax(-1, keepdim=True)
     hist = sum(_fold_rows(st.hist[:, s], e[:, 0] - st.exponent[:, s])
                for s in range(st.minmax.shape[-1]))
-    return LayerStats(st.timesteps, mm, hist[:, None], e)
+    return LayerStats(st.timesteps, mm, hist[:, None], e, st.chmax)
 
 
 def _fold_rows(hist: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:

@@ -136,3 +136,17 @@ def scale_table(st: LayerStats, boundaries: torch.Tensor, spec: ActivationSpec
             thr = _threshold(spec, hist, exp, amax, fmt.qmax)
             scale[g, j] = thr / fmt.qmax if thr > 0 else 1.0
     return scale, zp
+
+
+def smoothed_table(st: LayerStats, boundaries: torch.Tensor, s: torch.Tensor, qmax: float = 127.0
+                   ) -> torch.Tensor:
+    """Static scales [K, 1] of a layer's input divided per channel by `s` [C] (SmoothQuant with
+    static activations): per group, the largest max |x_c| / s_c over its timesteps and channels."""
+    groups = group_of(st.timesteps.nan_to_num(0.0), boundaries)
+    ranges = (st.chmax.double() / s.double()).amax(1)  # [T]
+    scale = torch.ones(len(boundaries) + 1, 1)
+    for g in range(len(scale)):
+        sel = groups == g
+        amax = float(ranges[sel].max()) if sel.any() else float(ranges.max())
+        scale[g, 0] = amax / qmax if amax > 0 else 1.0
+    return scale

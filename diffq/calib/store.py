@@ -41,7 +41,8 @@ def load_stats(path: Path) -> dict[str, LayerStats]:
         raise InputError(f"statistics file {path} is unreadable: {e}") from None
     names = {k.rpartition("/")[0] for k in raw}
     try:
-        return {n: LayerStats(*(raw[f"{n}/{f}"] for f in _FIELDS)) for n in names}
+        return {n: LayerStats(*(raw[f"{n}/{f}"] for f in _FIELDS), raw.get(f"{n}/chmax"))
+                for n in names}
     except KeyError as e:
         raise InputError(f"statistics file {path} lacks tensor {e}") from None
 

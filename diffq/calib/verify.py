@@ -9,11 +9,15 @@ For a layer with float input x and output y = f(x, W):
     error(candidate) = ||f(q_c(x), dq(W)) - y||^2 / ||y||^2 summed over the held-back calls,
 
 with q_c the candidate's activation quantizer: the recipe's static scales (its observer, at
-the call's timestep group), percentile / MSE observers from the same statistics, or dynamic
-per-token scales. A static layer is in line when its SQNR is within `margin_db` of the
+the call's timestep group), percentile / MSE observers from the same statistics, static
+scales after SmoothQuant-style smoothing (x / s into W diag(s), s_c = max|x_c|^0.5 /
+max|W_c|^0.5 from the calibrated per-channel maxima; Linear and Conv2d; the scale table
+still per timestep group, so the kernels stay static int8), or dynamic per-token scales.
+Among the candidates of static cost (observers, smoothing) the best is taken when it beats the
+recipe's scales by more than 1 dB; it is in line when its SQNR is within `margin_db` of the
 dynamic one's or at least `good_db` (a layer at 30 dB hardly moves the model's output, and
-dynamic scales cost a reduction per token at run time); otherwise it takes the first observer
-that is, else dynamic activations.
+dynamic scales cost a reduction per token at run time); a layer out of line goes dynamic, or
+float when dynamic activations still leave it below 20 dB.
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffq.algos.smoothquant import smooth_scales, smooth_weight
 from diffq.calib.collector import LayerStats, call_model
 from diffq.calib.hooks import input_hooks
-from diffq.calib.scales import group_of, scale_table
+from diffq.calib.scales import group_of, scale_table, smoothed_table
 from diffq.core.formats import get_format
 from diffq.core.granularity import PerTensor, PerToken
 from diffq.core.quant import QParams, choose_qparams, fake_quantize
@@ -34,6 +39,8 @@ from diffq.core.recipe import ActivationSpec, LayerPlan
 from diffq.core.weights import quantize_weight
 
 OBSERVERS = ("percentile", "mse")  # the fallbacks tried before dynamic, cheapest first
+SMOOTH_ALPHA = 0.5  # SmoothQuant's balance between activation and weight ranges
+FLOOR_DB = 20.0  # a layer below this even with dynamic int8 activations stays float
 
 
 def db(err: float) -> float:
@@ -46,11 +53,12 @@ class LayerCheck:
     """One static layer's measured errors (SQNR dB per candidate) and the choice made."""
 
     sqnr: dict[str, float]
-    choice: str  # "static" (recipe's observer), an observer name, or "dynamic"
+    choice: str  # "static" (recipe's observer), an observer name, "smooth", "dynamic" or "float"
+    smooth: torch.Tensor | None = None  # s [C] of the smoothing candidate
 
     @property
     def chosen_db(self) -> float:
-        return self.sqnr[self.choice]
+        return math.inf if self.choice == "float" else self.sqnr[self.choice]
 
 
 @dataclass
@@ -85,7 +93,7 @@ def _apply(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def verify_layers(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str, LayerStats],
                   segments: dict[str, list[int]], boundaries: dict[tuple, torch.Tensor],
                   calls: list, clock, margin_db: float = 6.0,
-                  good_db: float = 30.0) -> Verification:
+                  good_db: float = 30.0, no_smooth: frozenset = frozenset()) -> Verification:
     """Measure every static layer of `plans` (float `model`, with `clock` hooked: anything whose
     `.value` is the current call's timestep) on `calls`."""
     tables: dict[str, dict[str, torch.Tensor]] = {}
@@ -100,7 +108,10 @@ def verify_layers(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str
                 tables[n][obs] = scale_table(st, b, replace(spec, observer=obs))[0]
     weights = {n: quantize_weight(model.get_submodule(n).weight, plans[n].weights).dequantize()
                for n in stats}
-    err = {n: {c: 0.0 for c in [*tables[n], "dynamic"]} for n in stats}
+    smooth = {n: _smoothing(model.get_submodule(n), plans[n], st, bounds[n]) for n, st in stats.items()
+              if smoothable(model.get_submodule(n), st) and n not in no_smooth}
+    err = {n: {c: 0.0 for c in [*tables[n], *(["smooth"] if n in smooth else []), "dynamic"]}
+           for n in stats}
     power = dict.fromkeys(stats, 0.0)
 
     def hook(name, m):
@@ -120,6 +131,13 @@ def verify_layers(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str
                 scale = table[g] if table.shape[1] == len(segs) else table[g, :1].expand(len(segs))
                 yq = _apply(m, _fq_static(x, scale, segs, ax), w)
                 err[name][cand] += float((yq - y).double().pow(2).sum())
+            if name in smooth:
+                sv, table, ws = smooth[name]
+                shape = [1] * x.dim()
+                shape[ax] = -1
+                xs = x / sv.to(x.dtype).reshape(shape)
+                yq = _apply(m, _fq_static(xs, table[g], [xs.shape[ax]], ax), ws.to(x.dtype))
+                err[name]["smooth"] += float((yq - y).double().pow(2).sum())
             yq = _apply(m, _fq_dynamic(x, ax), w)
             err[name]["dynamic"] += float((yq - y).double().pow(2).sum())
         return run
@@ -130,14 +148,58 @@ def verify_layers(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str
     out = Verification(calls=len(calls))
     for n in stats:
         sq = {c: db(e / power[n]) if power[n] > 0 else math.inf for c, e in err[n].items()}
-        out.layers[n] = LayerCheck(sq, choose(sq, margin_db, good_db))
+        out.layers[n] = LayerCheck(sq, choose(sq, margin_db, good_db),
+                                   smooth[n][0] if n in smooth else None)
     return out
 
 
-def choose(sqnr: dict[str, float], margin_db: float, good_db: float) -> str:
-    """The cheapest candidate in line: the recipe's static scales, another observer, dynamic."""
+def smoothable(m: nn.Module, st: LayerStats) -> bool:
+    return st.chmax is not None and (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
+
+
+def _smoothing(m: nn.Module, plan: LayerPlan, st: LayerStats, bounds: torch.Tensor):
+    """(s [C], static scales [K, 1] of x / s, dequantized W diag(s)) for one layer."""
+    w = m.weight.detach().float()
+    per_channel = w.transpose(0, 1).reshape(w.shape[1], -1).t()  # [O * kh * kw, C]: columns = channels
+    s = smooth_scales(st.chmax.amax(0), per_channel, SMOOTH_ALPHA)
+    w = quantize_weight(smooth_weight(m.weight.detach().double(), s).float(), plan.weights).dequantize()
+    return s.float(), smoothed_table(st, bounds, s), w
+
+
+def choose(sqnr: dict[str, float], margin_db: float, good_db: float, prefer_db: float = 1.0,
+           floor_db: float = FLOOR_DB) -> str:
+    """The best candidate at static cost (the recipe's scales unless another observer or
+    smoothing beats them by `prefer_db`), if it is in line; else dynamic; float when even
+    dynamic activations leave the layer below `floor_db`."""
     bar = min(sqnr["dynamic"] - margin_db, good_db)
-    for cand in ("static", *OBSERVERS):
-        if cand in sqnr and sqnr[cand] >= bar:
-            return cand
-    return "dynamic"
+    best = max((c for c in ("static", *OBSERVERS, "smooth") if c in sqnr), key=sqnr.__getitem__)
+    pick = "static" if sqnr["static"] >= sqnr[best] - prefer_db else best
+    if sqnr[pick] >= bar:
+        return pick
+    return "dynamic" if sqnr["dynamic"] >= floor_db else "float"
+
+
+@torch.no_grad()
+def dynamic_twin_outputs(model: nn.Module, plans: dict[str, LayerPlan], names: list[str], calls: list,
+                         output) -> list[torch.Tensor]:
+    """The model's outputs on `calls` with the layers `names` at plain all-dynamic W8A8 (their
+    recipe's weights, per-token int8 inputs): FAKE-QUANT on the float model, the reference the
+    verified model is held to. `output(result)` picks the output tensor."""
+    weights = {n: quantize_weight(model.get_submodule(n).weight, plans[n].weights).dequantize()
+               for n in names}
+
+    def hook(name, m):
+        axis = -1 if isinstance(m, nn.Linear) else 1
+
+        def run(_m, args, _out):
+            x = args[0].float()
+            return _apply(m, _fq_dynamic(x, axis % x.dim()), weights[name].to(x.dtype)).to(_out.dtype)
+        return run
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n, model.get_submodule(n))) for n in names]
+    try:
+        with torch.inference_mode():
+            return [output(call_model(model, c)) for c in calls]
+    finally:
+        for h in handles:
+            h.remove()

@@ -112,14 +112,21 @@ def prepare_and_convert(
     model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str, InputStats],
     segments: dict[str, list[int]] | None = None,
     materialize: Callable[[nn.Module], AbstractContextManager] | None = None,
+    smooth: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, PreparedLayer], dict[str, QuantizedLayer]]:
     """Choose the weights of the layers in `stats` (GPTQ, AWQ, ... from their inputs), then swap
-    every planned layer of `model` for its quantized twin (see `convert`). `materialize(module)`:
-    a context in which an offloaded module's weights are real. Returns (prepared, converted)."""
+    every planned layer of `model` for its quantized twin (see `convert`). `smooth`: layer ->
+    s [C] of static smoothing (weights W diag(s), inputs x / s). `materialize(module)`: a
+    context in which an offloaded module's weights are real. Returns (prepared, converted)."""
     prepared = {}
     for n in stats:
         with nullcontext() if materialize is None else materialize(model.get_submodule(n)):
             prepared[n] = prepare_layer(model.get_submodule(n), plans[n], stats[n])
+    for n, s in (smooth or {}).items():
+        with nullcontext() if materialize is None else materialize(model.get_submodule(n)):
+            w = smooth_weight(model.get_submodule(n).weight.detach().double(), s).float()
+            prepared[n] = PreparedLayer(quantize_weight(w, plans[n].weights), (1.0 / s).float(),
+                                        "smoothed, static")
     converted = convert(model, plans, segments, weights={n: p.weight for n, p in prepared.items()},
                         input_scales={n: p.input_scale for n, p in prepared.items()
                                       if p.input_scale is not None},

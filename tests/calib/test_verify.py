@@ -15,11 +15,13 @@ def sigma_of(a, k):
     return a[1]
 
 
-def test_choice_is_the_cheapest_candidate_in_line():
-    assert choose({"static": 33.0, "percentile": 34.0, "mse": 35.0, "dynamic": 45.0}, 6, 30) == "static"
-    assert choose({"static": 20.0, "percentile": 28.0, "mse": 31.0, "dynamic": 45.0}, 6, 30) == "mse"
-    assert choose({"static": 20.0, "percentile": 21.0, "mse": 22.0, "dynamic": 27.0}, 6, 30) == "percentile"
+def test_choice_is_the_best_static_cost_candidate_in_line():
+    assert choose({"static": 33.0, "percentile": 33.5, "mse": 33.8, "dynamic": 45.0}, 6, 30) == "static"
+    assert choose({"static": 33.0, "percentile": 34.0, "mse": 35.0, "dynamic": 45.0}, 6, 30) == "mse"
+    assert choose({"static": 20.0, "smooth": 31.0, "dynamic": 45.0}, 6, 30) == "smooth"
+    assert choose({"static": 20.0, "percentile": 21.0, "mse": 22.0, "dynamic": 27.0}, 6, 30) == "mse"
     assert choose({"static": 10.0, "percentile": 11.0, "mse": 12.0, "dynamic": 27.0}, 6, 30) == "dynamic"
+    assert choose({"static": 3.0, "percentile": 4.0, "mse": 5.0, "dynamic": 12.0}, 6, 30) == "float"
 
 
 def test_held_back_calls_stay_out_of_the_statistics():
@@ -86,3 +88,70 @@ def test_a_layer_out_of_line_falls_back_and_the_model_is_widened(edm, monkeypatc
     assert v["sqnr_db"] >= v["dynamic_sqnr_db"] - 0.5
     with torch.no_grad():
         assert sqnr_db(ref, torch.cat([m(*a) for a, _ in held_out])) >= 25
+
+
+class OutlierChannels(torch.nn.Module):
+    """b reads features with two offset channels hundreds of times the others in every token
+    (with small weights, so they do not dominate the output): per-tensor and per-token scales
+    both drown the other channels; per-channel smoothing does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        off = torch.zeros(64)
+        off[3], off[40] = 500.0, -300.0
+        self.register_buffer("off", off)
+        with torch.no_grad():  # their weights small (as where real outliers live): not dominant
+            self.b.weight[:, [3, 40]] *= 1e-3
+
+    def forward(self, x, t):
+        return self.b(self.a(x) * (1 + t.reshape(-1, 1, 1) / 1000) + self.off)
+
+
+def _outlier_calls(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(2, 8, 16, generator=g), torch.full((2,), float(t))), {})
+            for t in (900, 700, 500, 300, 100) for _ in range(2)]
+
+
+def test_per_channel_outliers_get_static_smoothing_folded_into_the_weight():
+    import dataclasses
+
+    from diffq.core.recipe import load_recipe
+
+    torch.manual_seed(0)
+    net = OutlierChannels().eval()
+    recipe = dataclasses.replace(load_recipe("w8a8"), keep_float=[])  # quantize both layers
+    held_out = _outlier_calls(7)
+    with torch.no_grad():
+        ref = torch.cat([net(*a) for a, _ in held_out])
+
+    def sqnr(r):
+        m = diffq.quantize(copy.deepcopy(net), r, calibration=_outlier_calls(0))
+        with torch.no_grad():
+            return sqnr_db(ref, torch.cat([m(*a) for a, _ in held_out])), m
+
+    plain, _ = sqnr(dataclasses.replace(recipe, verify=False))
+    checked, m = sqnr(recipe)
+    d = m.diffq.report.verification["layers"]["b"]
+    assert d["choice"] == "smooth" and d["sqnr_db"]["smooth"] > d["sqnr_db"]["static"] + 10
+    assert d["sqnr_db"]["smooth"] > d["sqnr_db"]["dynamic"] + 10  # per token does not help here
+    assert m.b.input_quant.spec.mode == "static" and m.b.input_scale.shape == (64,)
+    assert checked > plain + 10, (checked, plain)
+
+
+def test_a_float_choice_keeps_the_layer_float_and_says_why(monkeypatch):
+    from diffq.calib import verify
+
+    real = verify.choose
+
+    def float_below_40(sq, *a, **k):
+        return "float" if sq["static"] < 40 else real(sq, *a, **k)
+
+    monkeypatch.setattr(verify, "choose", float_below_40)
+    m = diffq.quantize(edm_net(), "w8a8", calibration=edm_calls(0), timestep_of=sigma_of)
+    floats = [n for n, d in m.diffq.report.verification["layers"].items() if d["choice"] == "float"]
+    assert floats
+    for n in floats:
+        assert isinstance(m.get_submodule(n), (torch.nn.Conv2d, torch.nn.Linear))  # not swapped
+        assert "kept float by verification" in m.diffq.report.skipped[n]

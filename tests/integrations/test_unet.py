@@ -49,6 +49,11 @@ def test_traced_skip_segments_match_the_concat(unet):
     assert set(st.with_role("embedding")) == {"time_embedding.linear_1", "time_embedding.linear_2"}
     assert all(n.endswith("time_emb_proj") for n in st.with_role("modulation"))
     assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in st.with_role("context"))
+    p = diffq.plan(unet, "w8a8", structure=st)  # the recipe's role rules, no diffusers name
+    assert {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"} <= set(p.skipped)
+    k = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert p.layers[k].activations.float_prefix == 1 and p.roles[k] == ["context"]
+    assert p.layers[k.replace("attn2", "attn1")].activations.float_prefix == 0
     for name, (h, skip) in seg.items():
         assert unet.get_submodule(name).in_channels == h + skip
     # the second half of each cat is the skip tensor popped from the down path
