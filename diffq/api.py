@@ -9,7 +9,6 @@ need) -> `convert` (choose weights, swap the modules). `quantize` is the three i
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from diffq.calib.collector import (
     ActivationCollector,
     LayerStats,
     as_call,
-    call_model,
     feed,
     first_call,
     unsplit,
@@ -32,20 +30,18 @@ from diffq.calib.hessian import InputCollector, InputStats
 from diffq.calib.scales import choose_boundaries, scale_table, smoothed_table
 from diffq.calib.store import load_stats, merge_stats, save_stats
 from diffq.calib.structure import Structure, trace_structure
-from diffq.calib.verify import Verification, dynamic_twin_outputs, verify_layers
 from diffq.core.config import from_dict, to_dict
-from diffq.core.quant import sqnr_db
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec, load_recipe
 from diffq.errors import CalibrationError, RecipeError
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
-from diffq.nn.activation import ActivationQuantizer
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.clock import attach_clock
-from diffq.nn.convert import QuantizationReport, linearize_conv1d, plan_layers
+from diffq.nn.convert import QuantizationReport, describe_plan, linearize_conv1d, plan_layers
 from diffq.nn.prepare import input_needs, prepare_and_convert
 from diffq.nn.state import diffq_state
 from diffq.nn.timestep import TimestepClock, TimestepOf, install_clock
+from diffq.verification import check_layers, verifiable, with_fallbacks
 
 
 def _feature_axis(m: nn.Module) -> int:
@@ -260,8 +256,8 @@ def convert(model: nn.Module, plan: Plan,
             bounds[key] = choose_boundaries(stats, *key)
     check, smooth = None, {}
     if verify and verifiable(plan):
-        check = _check_layers(model, plan, stats, bounds, verify, timestep_of)
-        plan = _with_fallbacks(plan, check.verification)
+        check = check_layers(model, plan, stats, bounds, verify, timestep_of)
+        plan = with_fallbacks(plan, check.verification)
         stats = {n: st for n, st in stats.items() if n in plan.static}
         smooth = {n: c.smooth for n, c in check.verification.layers.items() if c.choice == "smooth"}
     prepared, converted = prepare_and_convert(model, plan.layers, {n: input_stats[n] for n in plan.needs},
@@ -278,114 +274,6 @@ def convert(model: nn.Module, plan: Plan,
     if check is not None:
         diffq_state(model).report.verification = check.widen(model, plan)
     return model
-
-
-@dataclass
-class _Check:
-    """Verification of one conversion: per-layer choices (before) and the whole-model check on
-    the same held-back calls (after), which widens the dynamic fallback when needed."""
-
-    verification: Verification
-    calls: list
-    reference: list  # the float model's outputs on `calls`
-    dynamic_db: float  # plain all-dynamic W8A8 (fake-quant twin of the float model) on them
-    margin_db: float = 0.5
-
-    def _sqnr(self, model: nn.Module) -> float:
-        with torch.inference_mode():
-            out = [_output_tensor(call_model(model, c)) for c in self.calls]
-        return _joint_sqnr(self.reference, out)
-
-    def widen(self, model: nn.Module, plan: Plan) -> dict:
-        """Measure the converted model; while it is more than `margin_db` below plain
-        all-dynamic W8A8, switch the static layers with the largest measured gap to dynamic,
-        an eighth of those left at a time."""
-        static = [n for n in plan.static]
-        chosen, dynamic = self._sqnr(model), self.dynamic_db
-        widened: list[str] = []
-        v = self.verification.layers
-        order = sorted(static, key=lambda n: v[n].sqnr["dynamic"] - v[n].chosen_db, reverse=True)
-        while chosen < dynamic - self.margin_db and order:
-            k = max(1, len(order) // 8)
-            step, order = order[:k], order[k:]
-            for n in step:
-                _set_dynamic(model.get_submodule(n))
-            widened += step
-            chosen = self._sqnr(model)
-        report = diffq_state(model).report
-        for n in widened:
-            report.quantized[n] = describe_plan(LayerPlan(plan.layers[n].weights,
-                                                          dynamic_spec(plan.layers[n].activations))) \
-                + " (widened)"
-        return {"calls": len(self.calls), "sqnr_db": chosen, "dynamic_sqnr_db": dynamic,
-                "widened": widened,
-                "layers": {n: {"sqnr_db": c.sqnr, "choice": "dynamic (widened)" if n in widened
-                               else c.choice, "role": plan.role(n)} for n, c in v.items()}}
-
-
-def _output_tensor(out) -> torch.Tensor:
-    """The main tensor of a model's output (diffusers / transformers outputs: the first field)."""
-    if isinstance(out, torch.Tensor):
-        return out.float()
-    out = out.to_tuple() if hasattr(out, "to_tuple") else out
-    return _output_tensor(out[0])
-
-
-def _set_dynamic(layer: QuantizedLayer) -> ActivationQuantizer:
-    old = layer.input_quant
-    layer.input_quant = ActivationQuantizer(dynamic_spec(old.spec), old.feature_axis, [sum(old.segments)])
-    return old
-
-
-def _joint_sqnr(reference: list, out: list) -> float:
-    return sqnr_db(torch.cat([r.flatten() for r in reference]), torch.cat([o.flatten() for o in out]))
-
-
-def _check_layers(model, plan: Plan, stats, bounds, calls: list, timestep_of) -> _Check:
-    clock = TimestepClock()
-    handle = install_clock(model, clock, timestep_of)
-    try:
-        v = verify_layers(model, plan.layers, stats, plan.segments, bounds, calls, clock,
-                          no_smooth=frozenset(plan.needs))
-        with torch.inference_mode():
-            ref = [_output_tensor(call_model(model, c)) for c in calls]
-        dyn = dynamic_twin_outputs(model, plan.layers, list(stats), calls, _output_tensor)
-    finally:
-        handle.remove()
-    return _Check(v, calls, ref, _joint_sqnr(ref, dyn))
-
-
-def verifiable(plan: Plan) -> bool:
-    """Whether `convert(..., verify=calls)` checks this plan (static int8 layers, recipe verify)."""
-    return plan.recipe.verify and any(plan.layers[n].activations.format == "int8" for n in plan.static)
-
-
-def _with_fallbacks(plan: Plan, v) -> Plan:
-    """The plan with each verified layer's chosen observer, or dynamic activations."""
-    layers, moved, skipped = dict(plan.layers), v.fallbacks(), dict(plan.skipped)
-    for n, choice in moved.items():
-        a = layers[n].activations
-        if choice == "float":
-            sq = v.layers[n].sqnr
-            skipped[n] = (f"kept float by verification (int8 output SQNR {sq['static']:.1f} dB static, "
-                          f"{sq['dynamic']:.1f} dB dynamic)")
-            del layers[n]
-            continue
-        if choice == "dynamic":
-            a = dynamic_spec(a)
-        elif choice == "smooth":  # one scale for the smoothed input: no split
-            a = dataclasses.replace(a, split_skip=False)
-        else:
-            a = dataclasses.replace(a, observer=choice)
-        layers[n] = LayerPlan(layers[n].weights, a)
-    return dataclasses.replace(plan, layers=layers, skipped=skipped, needs={
-        n: nd for n, nd in plan.needs.items() if n in layers}, segments={
-        n: s for n, s in plan.segments.items() if moved.get(n) not in ("dynamic", "smooth", "float")})
-
-
-def dynamic_spec(a: ActivationSpec) -> ActivationSpec:
-    return dataclasses.replace(a, mode="dynamic", granularity="per_token", observer="minmax",
-                               timestep_groups=1, split_skip=False, float_prefix=0)
 
 
 @dataclass
@@ -548,15 +436,6 @@ def _finish(model: nn.Module, plan: Plan, prepared: dict, timestep_of: TimestepO
     state = diffq_state(model)
     state.report, state.recipe = report, plan.recipe
     return model
-
-
-def describe_plan(plan: LayerPlan) -> str:
-    w = plan.weights
-    s = f"W:{w.format}/{w.granularity}" + (f"{w.group_size}" if w.granularity == "per_group" else "")
-    a = plan.activations
-    if a is not None:
-        s += f" A:{a.format}/{a.mode}" + (f"/K={a.timestep_groups}" if a.mode == "static" else "")
-    return s
 
 
 def weight_bytes(model: nn.Module, float_dtype: torch.dtype | None = torch.bfloat16) -> int:

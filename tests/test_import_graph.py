@@ -70,7 +70,7 @@ def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-LAYERS = ["core", "calib", "algos", "mixed", "nn", "ops", "api", "checkpoint", "integrations",
+LAYERS = ["core", "calib", "algos", "mixed", "nn", "ops", "verification", "api", "checkpoint", "integrations",
           "commands", "cli"]  # each may import only from its own layer or those before it
 SAME_LAYER = {"calib": "algos", "algos": "calib", "nn": "ops", "ops": "nn", "api": "checkpoint",
               "checkpoint": "api"}

@@ -156,3 +156,12 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
             replace_module(model, name, lin)
             names.append(name)
     return names
+
+
+def describe_plan(plan: LayerPlan) -> str:
+    w = plan.weights
+    s = f"W:{w.format}/{w.granularity}" + (f"{w.group_size}" if w.granularity == "per_group" else "")
+    a = plan.activations
+    if a is not None:
+        s += f" A:{a.format}/{a.mode}" + (f"/K={a.timestep_groups}" if a.mode == "static" else "")
+    return s
