@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from diffq.calib.collector import call_model
-from diffq.calib.verify import Verification, dynamic_twin_outputs, verify_layers
+from diffq.calib.verify import Verification, dequantized_weights, dynamic_twin_outputs, verify_layers
 from diffq.core.quant import sqnr_db
 from diffq.core.recipe import ActivationSpec, LayerPlan
 from diffq.nn.activation import ActivationQuantizer
@@ -90,11 +90,12 @@ def check_layers(model: nn.Module, plan, stats: dict, bounds: dict, calls: list,
     clock = TimestepClock()
     handle = install_clock(model, clock, timestep_of)
     try:
-        v = verify_layers(model, plan.layers, stats, plan.segments, bounds, calls, clock,
+        weights = dequantized_weights(model, plan.layers, stats)  # once, for both passes
+        v = verify_layers(model, plan.layers, stats, plan.segments, bounds, calls, clock, weights,
                           no_smooth=frozenset(plan.needs))
         with torch.inference_mode():
             ref = [_output_tensor(call_model(model, c)) for c in calls]
-        dyn = dynamic_twin_outputs(model, plan.layers, list(stats), calls, _output_tensor)
+        dyn = dynamic_twin_outputs(model, weights, calls, _output_tensor)
     finally:
         handle.remove()
     return Check(v, calls, ref, _joint_sqnr(ref, dyn))

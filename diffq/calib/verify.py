@@ -92,7 +92,7 @@ def _apply(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def verify_layers(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str, LayerStats],
                   segments: dict[str, list[int]], boundaries: dict[tuple, torch.Tensor],
-                  calls: list, clock, margin_db: float = 6.0,
+                  calls: list, clock, weights: dict[str, torch.Tensor], margin_db: float = 6.0,
                   good_db: float = 30.0, no_smooth: frozenset = frozenset()) -> Verification:
     """Measure every static layer of `plans` (float `model`, with `clock` hooked: anything whose
     `.value` is the current call's timestep) on `calls`."""
@@ -106,8 +106,6 @@ def verify_layers(model: nn.Module, plans: dict[str, LayerPlan], stats: dict[str
         for obs in OBSERVERS:
             if obs != spec.observer:
                 tables[n][obs] = scale_table(st, b, replace(spec, observer=obs))[0]
-    weights = {n: quantize_weight(model.get_submodule(n).weight, plans[n].weights).dequantize()
-               for n in stats}
     smooth = {n: _smoothing(model.get_submodule(n), plans[n], st, bounds[n]) for n, st in stats.items()
               if smoothable(model.get_submodule(n), st) and n not in no_smooth}
     err = {n: {c: 0.0 for c in [*tables[n], *(["smooth"] if n in smooth else []), "dynamic"]}
@@ -180,14 +178,18 @@ def choose(sqnr: dict[str, float], margin_db: float, good_db: float, prefer_db: 
 
 
 @torch.no_grad()
-def dynamic_twin_outputs(model: nn.Module, plans: dict[str, LayerPlan], names: list[str], calls: list,
-                         output) -> list[torch.Tensor]:
-    """The model's outputs on `calls` with the layers `names` at plain all-dynamic W8A8 (their
-    recipe's weights, per-token int8 inputs): FAKE-QUANT on the float model, the reference the
-    verified model is held to. `output(result)` picks the output tensor."""
-    weights = {n: quantize_weight(model.get_submodule(n).weight, plans[n].weights).dequantize()
-               for n in names}
+def dequantized_weights(model: nn.Module, plans: dict[str, LayerPlan], names) -> dict[str, torch.Tensor]:
+    """Each layer's weight as its recipe quantizes it (round to nearest), back in float: what
+    both the per-layer check and the dynamic twin multiply with."""
+    return {n: quantize_weight(model.get_submodule(n).weight, plans[n].weights).dequantize() for n in names}
 
+
+@torch.no_grad()
+def dynamic_twin_outputs(model: nn.Module, weights: dict[str, torch.Tensor], calls: list,
+                         output) -> list[torch.Tensor]:
+    """The model's outputs on `calls` with the layers of `weights` at plain all-dynamic W8A8
+    (those dequantized weights, per-token int8 inputs): FAKE-QUANT on the float model, the reference the
+    verified model is held to. `output(result)` picks the output tensor."""
     def hook(name, m):
         axis = -1 if isinstance(m, nn.Linear) else 1
 
@@ -196,7 +198,7 @@ def dynamic_twin_outputs(model: nn.Module, plans: dict[str, LayerPlan], names: l
             return _apply(m, _fq_dynamic(x, axis % x.dim()), weights[name].to(x.dtype)).to(_out.dtype)
         return run
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n, model.get_submodule(n))) for n in names]
+    handles = [model.get_submodule(n).register_forward_hook(hook(n, model.get_submodule(n))) for n in weights]
     try:
         with torch.inference_mode():
             return [output(call_model(model, c)) for c in calls]
