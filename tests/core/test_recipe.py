@@ -122,3 +122,15 @@ def test_algorithm_builtins():
     assert load_recipe("llm-w4a16-awq").weights.method == "awq"
     sq = load_recipe("llm-w8a8-smoothquant").activations
     assert sq.smoothing == "smoothquant" and sq.smooth_alpha is None and sq.mode == "dynamic"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"keep_float": ["inputs"]}, "recipe key 'keep_float[0]': expected one of 'input', 'output'"),
+    ({"overrides": [{"weights": {"format": "int8"}}]}, "an override needs 'match' (name globs) or 'roles'"),
+    ({"overrides": [{"roles": ["body"], "keep_float": True}]}, "overrides[0].roles[0]"),
+    ({"verify": "yes"}, "recipe key 'verify': expected true/false, got 'yes'"),
+])
+def test_role_and_verify_keys_refuse_bad_values_in_one_line(data, message):
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_dict(data)
+    assert message in str(e.value) and "\n" not in str(e.value)
