@@ -35,6 +35,7 @@ from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec, loa
 from diffq.errors import CalibrationError, RecipeError
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
+from diffq.nn.attention import attach_attention
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.clock import attach_clock
 from diffq.nn.convert import QuantizationReport, describe_plan, linearize_conv1d, plan_layers
@@ -429,6 +430,7 @@ def uses_sequential(model: nn.Module, recipe: Recipe, needs: dict[str, tuple[boo
 def _finish(model: nn.Module, plan: Plan, prepared: dict, timestep_of: TimestepOf | None,
             sequential: bool = False) -> nn.Module:
     attach_clock(model, timestep_of)
+    attach_attention(model, plan.recipe.attention)
     report = QuantizationReport(plan.recipe.name, skipped=dict(plan.skipped),
                                 unmatched_patterns=list(plan.unmatched_patterns), sequential=sequential)
     report.quantized = {n: describe_plan(p) + (f" [{prepared[n].note}]" if n in prepared else "")

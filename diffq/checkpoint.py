@@ -18,6 +18,7 @@ from diffq.core.config import from_dict
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec
 from diffq.errors import CheckpointError, DiffqError
 from diffq.io import writing_directory
+from diffq.nn.attention import attach_attention
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.clock import attach_clock
 from diffq.nn.convert import convert
@@ -251,5 +252,6 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None, verify_hashe
     verify(model, meta.get("tensors"), str(directory), verify_hashes)
     if meta.get("recipe") is not None:
         diffq_state(model).recipe = Recipe.from_dict(meta["recipe"])
+        attach_attention(model, diffq_state(model).recipe.attention)
     attach_clock(model, timestep_of)
     return model

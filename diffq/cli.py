@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate": "calibrate and quantize a model (default: the embedded tiny-sd, w8a8)",
         "eval": "compare a quantized pipeline with its full-precision model (PSNR/SSIM/CLIP/FID)",
         "compare": "run several schemes on the same prompts and seeds; one table and a grid",
-        "bench": "time FP32, bf16 and quantized layers and UNet steps; ratios table",
+        "bench": "time FP32, bf16 and quantized layers and denoiser steps; ratios table",
     }
     parsers = {}
     for name, help_ in commands.items():
@@ -100,10 +100,10 @@ def _run_llm(args: argparse.Namespace) -> int:
 def _add_bench(sp: argparse.ArgumentParser) -> None:
     from diffq.commands.bench import BenchSettings as S
 
-    _option(sp, "--model", S, "pipeline directory, 'tiny-sd' or 'sd15' (SD1.5-architecture UNet "
-            "with random weights)")
+    _option(sp, "--model", S, "pipeline directory (UNet or DiT), 'tiny-sd' or 'sd15' "
+            "(SD1.5-architecture UNet with random weights)")
     _option(sp, "--recipe", S, "built-in recipe name or YAML path")
-    _option(sp, "--batch", S, "UNet batch (guidance doubles the prompts)", type=int)
+    _option(sp, "--batch", S, "denoiser batch (prompts x 2 for guidance)", type=int)
     _option(sp, "--repeats", S, "timed runs per measurement (median)", type=int)
     _option(sp, "--warmup", S, "untimed runs before each measurement", type=int)
     _option(sp, "--threads", S, "torch threads (unset: torch's choice)", type=int)
@@ -158,6 +158,8 @@ def _add_sampling(sp: argparse.ArgumentParser, S) -> None:
     _option(sp, "--guidance", S, "classifier-free guidance scale", type=float)
     _option(sp, "--seed", S, "prompt (or image) i samples with seed SEED + i", type=int)
     _option(sp, "--batch-size", S, "prompts per pipeline call", type=int)
+    _option(sp, "--height", S, "image height in pixels (default: the pipeline's)", type=int)
+    _option(sp, "--width", S, "image width in pixels (default: the pipeline's)", type=int)
     _option(sp, "--out", S, "output directory", type=Path)
     sp.add_argument("--overwrite", action="store_true",
                     help="replace an existing output directory that diffq wrote")

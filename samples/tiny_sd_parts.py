@@ -14,6 +14,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -114,9 +115,9 @@ def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel,
     )
 
 
-def save_fp16(pipe: StableDiffusionPipeline, out_dir: str) -> None:
+def save_fp16(pipe: DiffusionPipeline, out_dir: str) -> None:
     """Save the pipeline as fp16 safetensors (the pipeline itself is left as it was)."""
-    dtype = pipe.unet.dtype
+    dtype = pipe.dtype
     pipe.to(torch.float16)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     pipe.to(dtype)

@@ -13,6 +13,7 @@ import argparse
 import copy
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,50 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1 - decay)
 
 
+def train_jointly(denoiser: torch.nn.Module, text_encoder: torch.nn.Module, predict: Callable,
+                  latents: tuple[torch.Tensor, torch.Tensor], scenes: list[Scene], scale: float,
+                  tokenizer: PreTrainedTokenizerFast, max_length: int, args: argparse.Namespace,
+                  gen: torch.Generator, phase: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Train a denoiser and its text encoder jointly (epsilon loss, min-SNR-5 weights, caption
+    dropout); return EMA copies. `predict(noisy, t, tokens)` is the denoiser's noise prediction
+    for tokenizer output `tokens` (padded to max_length)."""
+    ema_den, ema_text = copy.deepcopy(denoiser).eval(), copy.deepcopy(text_encoder).eval()
+    params = list(denoiser.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    sched = train_scheduler()
+    alphas = sched.alphas_cumprod
+    rng = np.random.default_rng(args.seed)
+    mean, std = latents
+    t0 = time.time()
+    for step in range(args.steps):
+        idx = torch.randint(len(scenes), (args.batch,), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        texts = ["" if rng.random() < args.uncond_prob else caption(scenes[i], int(rng.integers(N_TEMPLATES)))
+                 for i in idx.tolist()]
+        tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                           return_tensors="pt")
+        t = torch.randint(sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        pred = predict(sched.add_noise(z, noise, t), t, tokens)
+        snr = alphas[t] / (1 - alphas[t])
+        weight = snr.clamp(max=5.0) / snr
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        _set_lr(opt, lr_at(step, args.steps, args.lr, args.warmup))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        _ema_update(ema_den, denoiser, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        if step % 100 == 0 or step == args.steps - 1:
+            _log(phase, step, loss.item(), t0)
+        if getattr(args, "max_minutes", 0) and time.time() - t0 > 60 * args.max_minutes:
+            print(f"[{phase}] stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
+    return ema_den, ema_text
+
+
 def train_denoiser(
     latents: tuple[torch.Tensor, torch.Tensor], scenes: list[Scene], scale: float,
     tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace, gen: torch.Generator,
@@ -121,41 +166,12 @@ def train_denoiser(
                                                      dtype=torch.float32).train()
     else:
         unet, text_encoder = build_unet(heads=args.heads).train(), build_text_encoder(len(tokenizer)).train()
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    sched = train_scheduler()
-    alphas = sched.alphas_cumprod
-    rng = np.random.default_rng(args.seed)
-    mean, std = latents
-    t0 = time.time()
-    for step in range(args.steps):
-        idx = torch.randint(len(scenes), (args.batch,), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        texts = ["" if rng.random() < args.uncond_prob else caption(scenes[i], int(rng.integers(N_TEMPLATES)))
-                 for i in idx.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        t = torch.randint(sched.config.num_train_timesteps, (args.batch,), generator=gen)
-        noise = torch.randn(z.shape, generator=gen)
-        pred = unet(sched.add_noise(z, noise, t), t, text_encoder(ids)[0]).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=5.0) / snr
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        _set_lr(opt, lr_at(step, args.steps, args.lr, args.warmup))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        if step % 100 == 0 or step == args.steps - 1:
-            _log("unet", step, loss.item(), t0)
-        if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
-            print(f"[unet] stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
-            break
-    return ema_unet, ema_text
+
+    def predict(noisy, t, tokens):
+        return unet(noisy, t, text_encoder(tokens.input_ids)[0]).sample
+
+    return train_jointly(unet, text_encoder, predict, latents, scenes, scale, tokenizer,
+                         tokenizer.model_max_length, args, gen, "unet")
 
 
 def parse_args() -> argparse.Namespace:
@@ -200,13 +216,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def seeded_start(args: argparse.Namespace) -> tuple[torch.Generator, float, tuple]:
+    """Threads and seeds set; (generator, start time, the training scenes (images, captions,
+    scenes))."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
-    images, captions, scenes = make_dataset("train", args.n_train, seed=args.seed)
+    gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
+    return gen, t0, make_dataset("train", args.n_train, seed=args.seed)
+
+
+def main() -> None:
+    args = parse_args()
+    gen, t0, (images, captions, scenes) = seeded_start(args)
     # The vocabulary is every word the generator can emit, so every phrasing is known.
     tokenizer = build_tokenizer(captions + [caption(s, k) for s in scenes[:2000] for k in range(N_TEMPLATES)])
     if args.init_from:

@@ -24,6 +24,12 @@ from torch.utils._pytree import tree_flatten
 
 ROLES = ("input", "output", "embedding", "modulation", "context", "skip")
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+T = torch.Tensor
+# ops that read only the dtype / device / shape of their other tensor arguments (`t.type_as(x)`
+# casts t, it does not mix x in), and ops whose output holds no input data at all
+_SELF_ONLY = {T.type_as, T.to, T.view_as, T.reshape_as, T.expand_as}
+_NO_DATA = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, T.new_zeros,
+            T.new_ones, T.new_empty, T.new_full}
 _SAMPLE_KEYS = ("sample", "hidden_states", "x")
 
 
@@ -68,7 +74,9 @@ class _Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        flat, _ = tree_flatten((args, kwargs))
+        if func in _NO_DATA:
+            return out
+        flat, _ = tree_flatten(args[:1] if func in _SELF_ONLY else (args, kwargs))
         tags = [(t, g) for t in flat if (g := self.get(t)) is not None]
         if not tags:
             return out

@@ -1,4 +1,4 @@
-"""`diffq bench`: FP32 vs bf16 vs quantized, per layer and per UNet step, in one run.
+"""`diffq bench`: FP32 vs bf16 vs quantized, per layer and per denoiser step, in one run.
 
 Times are medians of repeated runs after warm-up, on the same inputs; ratios are against bf16
 (the baseline a CPU user would pick). The quantized model keeps its float ops in bf16 and runs
@@ -21,8 +21,9 @@ from diffq.api import quantize, weight_bytes
 from diffq.assets import shipped
 from diffq.calib.hooks import input_hooks
 from diffq.errors import InputError
-from diffq.io import check_at_least
+from diffq.io import check_at_least, read_prompts
 from diffq.markdown import Markdown
+from diffq.nn.timestep import default_timestep_of, timestep_value
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -58,32 +59,44 @@ def median_seconds(fn, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _unet_and_inputs(s: BenchSettings):
-    from diffusers import UNet2DConditionModel
-
+def _denoiser_and_calls(s: BenchSettings) -> tuple[nn.Module, list]:
+    """The denoiser and 4 of its calls at evenly spaced timesteps: replayed from a pipeline
+    sampling ceil(batch / 2) prompts with guidance (UNet or DiT alike), or synthetic for sd15."""
     if s.model == "sd15":
+        from diffusers import UNet2DConditionModel
+
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SD15_UNET).eval()
-    else:
-        path = shipped("tiny-sd") if s.model == "tiny-sd" else Path(s.model)
-        if not (path / "unet" / "config.json").is_file():
-            raise InputError(f"{path} has no unet/ to benchmark")
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet").float().eval()
-    cfg = unet.config
-    g = torch.Generator().manual_seed(0)
-    size = cfg.sample_size
-    x = torch.randn(s.batch, cfg.in_channels, size, size, generator=g)
-    ctx = torch.randn(s.batch, 77 if s.model == "sd15" else 32, cfg.cross_attention_dim, generator=g)
-    return unet, x, ctx
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(s.batch, 4, 64, 64, generator=g)
+        ctx = torch.randn(s.batch, 77, 768, generator=g)
+        steps = torch.linspace(999, 1, 4).round().tolist()
+        return unet, [((torch.randn(x.shape, generator=g), torch.tensor(t)), {"encoder_hidden_states": ctx})
+                      for t in steps]
+    from diffq.integrations.pipeline import DENOISERS, denoiser, denoiser_calls, load_pipeline
+
+    path = shipped("tiny-sd") if s.model == "tiny-sd" else Path(s.model)
+    if not any((path / d / "config.json").is_file() for d in DENOISERS):
+        raise InputError(f"{path} has no unet/ or transformer/ to benchmark")
+    pipe = load_pipeline(path, progress=False)
+    prompts = read_prompts(shipped("prompts") / "shapes-eval.txt")[: (s.batch + 1) // 2]
+    calls = denoiser_calls(pipe, prompts, steps=20, guidance=5.0, seed=0, timesteps=4)
+    return denoiser(pipe).float().eval(), calls
 
 
-def _calls(x, ctx, n=4):
-    g = torch.Generator().manual_seed(1)
-    return [((torch.randn(x.shape, generator=g), torch.tensor(float(t))), {"encoder_hidden_states": ctx})
-            for t in torch.linspace(999, 1, n).round().tolist()]
+def _cast(call, dtype: torch.dtype):
+    """A call with its activation tensors (2-d and up) in `dtype`, images channels-last;
+    timesteps and ids as they were."""
+    def one(v):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() < 2:
+            return v
+        v = v.to(dtype)
+        return v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+    args, kwargs = call
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
 
-def _layer_inputs(unet, x, ctx, top: int) -> dict[str, torch.Tensor]:
+def _layer_inputs(model, call, top: int) -> dict[str, torch.Tensor]:
     """Inputs of the `top` Linear/Conv2d layers with the most multiply-accumulates."""
     seen: dict[str, tuple[int, torch.Tensor]] = {}
 
@@ -98,9 +111,9 @@ def _layer_inputs(unet, x, ctx, top: int) -> dict[str, torch.Tensor]:
                 seen[name] = (macs, a.detach().clone())
         return hook
 
-    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     with input_hooks(layers, make), torch.inference_mode():
-        unet(x, torch.tensor(500.0), encoder_hidden_states=ctx)
+        model(*call[0], **call[1])
     best = sorted(seen, key=lambda n: -seen[n][0])[:top]
     return {n: seen[n][1] for n in best}
 
@@ -134,41 +147,42 @@ def run_bench(s: BenchSettings) -> dict:
 
 
 def _run_bench(s: BenchSettings) -> dict:
-    unet, x, ctx = _unet_and_inputs(s)
-    t = torch.tensor(500.0)
-    inputs = _layer_inputs(unet, x, ctx, s.layers)
+    model, calls = _denoiser_and_calls(s)
+    call = calls[len(calls) // 2]
+    t = timestep_value(default_timestep_of(*call))
+    inputs = _layer_inputs(model, call, s.layers)
     rss0 = _rss()
-    bf16 = copy.deepcopy(unet).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16).to(memory_format=torch.channels_last)
     rss_bf16 = _rss() - rss0
 
-    q = copy.deepcopy(unet)
+    q = copy.deepcopy(model)
     rss1 = _rss()
-    quantize(q, s.recipe, calibration=_calls(x, ctx))
+    quantize(q, s.recipe, calibration=calls)
     rss_q = _rss() - rss1
     # float ops in fp32 too: on CPUs without AMX, fp32 beats bf16 and is the baseline to beat
     q32 = copy.deepcopy(q).to(memory_format=torch.channels_last)
     q = q.to(torch.bfloat16).to(memory_format=torch.channels_last)
     variants = {
-        "fp32": (unet, x, ctx),
-        "bf16": (bf16, x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), ctx.bfloat16()),
-        "quantized": (q, x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), ctx.bfloat16()),
-        "quantized_fp32": (q32, x.contiguous(memory_format=torch.channels_last), ctx),
+        "fp32": (model, call),
+        "bf16": (bf16, _cast(call, torch.bfloat16)),
+        "quantized": (q, _cast(call, torch.bfloat16)),
+        "quantized_fp32": (q32, _cast(call, torch.float32)),
     }
     step = {}
-    for name, (model, xi, ci) in variants.items():
-        step[name] = median_seconds(lambda: model(xi, t, encoder_hidden_states=ci), s.repeats, s.warmup)
+    for name, (m, (a, kw)) in variants.items():
+        step[name] = median_seconds(lambda m=m, a=a, kw=kw: m(*a, **kw), s.repeats, s.warmup)
     layers = []
     for lname, inp in inputs.items():
         row = {"layer": lname, "input": list(inp.shape)}
-        for name, (model, _, _) in variants.items():
-            m = model.get_submodule(lname)
+        for name, (variant, _) in variants.items():
+            m = variant.get_submodule(lname)
             dt = torch.float32 if name in ("fp32", "quantized_fp32") else torch.bfloat16
             xi = inp.to(dt)
             if xi.dim() == 4:
                 xi = xi.contiguous(memory_format=torch.channels_last)
             clock = getattr(getattr(m, "input_quant", None), "clock", None)
             if clock is not None:
-                clock.value = 500.0
+                clock.value = t
             row[name] = median_seconds(lambda: m(xi), s.repeats * 4, s.warmup)
         layers.append(row)
     result = {
@@ -176,7 +190,7 @@ def _run_bench(s: BenchSettings) -> dict:
         "step_seconds": step,
         "step_speedup_vs_bf16": {k: step["bf16"] / v for k, v in step.items()},
         "step_speedup_vs_fp32": {k: step["fp32"] / v for k, v in step.items()},
-        "weight_bytes": {"fp32": weight_bytes(unet, None), "bf16": weight_bytes(unet),
+        "weight_bytes": {"fp32": weight_bytes(model, None), "bf16": weight_bytes(model),
                          "quantized": weight_bytes(q), "quantized_fp32": weight_bytes(q32)},
         "resident_bytes_added": {"bf16": rss_bf16, "quantized": rss_q},
         "layers": layers,
@@ -190,7 +204,7 @@ def format_bench(r: dict) -> str:
     md = Markdown().text(
         f"model {r['model']}, recipe {r['recipe']}, batch {r['batch']}, {r['threads']} threads",
         "(quantized: W8A8 layers on int8 kernels, other ops in bf16; quantized_fp32: in fp32)")
-    md.table(["UNet step", "seconds", "vs bf16", "vs fp32", "weight bytes"],
+    md.table(["denoiser step", "seconds", "vs bf16", "vs fp32", "weight bytes"],
              [(k, f"{st[k]:.4f}", f"{sb[k]:.2f}x", f"{sf[k]:.2f}x", wb[k]) for k in st])
     md.table(["layer", "input", "fp32 ms", "bf16 ms", "quantized ms", "quantized_fp32 ms"],
              [(row["layer"], row["input"], *(f"{row[k] * 1e3:.3f}" for k in ("fp32", "bf16", "quantized",

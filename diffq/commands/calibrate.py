@@ -1,5 +1,6 @@
-"""`diffq calibrate`: run a diffusers pipeline over prompts, collect UNet activations across
-denoising steps, quantize, and write the quantized pipeline, statistics and a report."""
+"""`diffq calibrate`: run a diffusers pipeline over prompts, collect the denoiser's (UNet or
+DiT) activations across denoising steps, quantize, and write the quantized pipeline, statistics
+and a report."""
 from __future__ import annotations
 
 import json
@@ -38,14 +39,18 @@ from diffq.commands.settings import SamplingSettings
 from diffq.errors import InputError
 from diffq.eval.plots import activation_range_plot, draw_optional, mixed_precision_plots, verification_plot
 from diffq.integrations.pipeline import (
+    DENOISERS,
     VERIFY_BATCH,
     calibration_pass,
     check_pipeline_dir,
+    denoiser,
+    denoiser_calls,
     denoiser_structure,
     load_pipeline,
+    resolve_components,
     sample_latents,
     save_quantized_pipeline,
-    unet_calls,
+    text_encoder_calls,
 )
 from diffq.integrations.unet import check_groups
 from diffq.io import (
@@ -120,7 +125,8 @@ def _check(s: CalibrateSettings) -> list[str]:
 
 
 def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
-    """Calibrate and write `s.out`: unet/ (diffq checkpoint), stats.safetensors, report.*"""
+    """Calibrate and write `s.out`: unet/ or transformer/ (diffq checkpoint), quantized text
+    encoders, stats.safetensors, report.*"""
     t0 = time.perf_counter()
     prompts = _check(s)
     state = processes()
@@ -128,50 +134,32 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
         raise InputError("--resume is not supported with several processes; run it in one process")
     recipe = load_recipe(s.recipe)
     check_groups(recipe, s.steps)
-    if "transformer" in recipe.components:
-        raise InputError("quantizing a denoising transformer (DiT) with diffq calibrate is not "
-                         "supported yet; use components [unet, text_encoder]")
-    pipe = load_pipeline(s.model, progress=progress)
-    unet = pipe.unet
-    fp_bytes = weight_bytes(unet)
-    structure = denoiser_structure(pipe, prompts[0], s.seed, s.steps, s.guidance)
-    p = plan(unet, recipe, structure=structure)  # activation specs do not depend on mixed widths
-    stats, held = None, []
-    if p.static:
-        stats, held = _collect(s, pipe, prompts, p, progress and state.is_main_process, state)
-    mixed = None
-    if recipe.mixed is not None:
-        mixed = _plan_mixed(s, pipe, prompts, recipe, progress)
-        recipe = mixed.recipe
-        p = plan(unet, recipe, structure=structure)
-    inputs = {}
-    if p.needs:  # GPTQ / AWQ / smoothing need the layer inputs: one more pass over the prompts
-        with calibrate(unet, p, activations=False) as cal:
-            cal.run(_sampling_pass(s, pipe, prompts, progress))
-        inputs = cal.input_stats
-    convert(unet, p, stats, inputs, verify=held)
-    unet.diffq.report.mixed = mixed
-    comps = {"unet": unet}
-    for name in recipe.components:
-        if name.startswith("text_encoder"):
-            fp_bytes += weight_bytes(getattr(pipe, name))
-            comps[name] = _quantize_text_encoder(pipe, name, recipe, prompts, s.batch_size)
+    pipe = load_pipeline(s.model, progress=progress, call=s.size)
+    names = resolve_components(pipe, recipe.components)
+    fp_bytes = sum(weight_bytes(getattr(pipe, n)) for n in names)
+    comps, stats, mixed, den = {}, None, None, None
+    if names[0] in DENOISERS:
+        den, stats, mixed = _quantize_denoiser(s, pipe, recipe, prompts, progress, state)
+        comps[names[0]] = den
+        recipe = mixed.recipe if mixed is not None else recipe
+    for name in names[len(comps):]:
+        comps[name] = _quantize_text_encoder(pipe, name, recipe, prompts, s)
     report = {
         "recipe": recipe.name, "model": str(s.model), "prompts": str(s.prompts),
         "num_prompts": len(prompts), "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
         "components": list(comps),
         "weight_bytes": sum(weight_bytes(m) for m in comps.values()), "weight_bytes_fp": fp_bytes,
-        "layers": {f"{c}.{n}" if c != "unet" else n: v for c, m in comps.items()
+        "layers": {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
                    for n, v in m.diffq.report.quantized.items()},
-        "skipped": {f"{c}.{n}" if c != "unet" else n: v for c, m in comps.items()
+        "skipped": {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
                     for n, v in m.diffq.report.skipped.items()},
         "unmatched_patterns": {c: m.diffq.report.unmatched_patterns for c, m in comps.items()
                                if m.diffq.report.unmatched_patterns},
     }
     if mixed is not None:
         report["mixed"] = mixed_summary(mixed)
-    if unet.diffq.report.verification is not None:
-        report["verification"] = unet.diffq.report.verification
+    if den is not None and den.diffq.report.verification is not None:
+        report["verification"] = den.diffq.report.verification
     if not state.is_main_process:  # every process quantized the same merged statistics
         return {**report, "seconds": round(time.perf_counter() - t0, 1), "written": False}
     with writing_directory(s.out, s.overwrite) as tmp:  # the finished work, published first
@@ -187,17 +175,42 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     cache = _cache_dir(s.out)
     if cache.exists():
         shutil.rmtree(cache, ignore_errors=True)
-    report.update(_figures(s.out, stats, mixed, unet))
+    report.update(_figures(s.out, stats, mixed, den))
     _write_report(s.out, report)
     return report
 
 
-def _figures(out: Path, stats: dict | None, mixed: MixedResult | None, unet) -> dict:
+def _quantize_denoiser(s: CalibrateSettings, pipe, recipe, prompts: list[str], progress: bool,
+                       state: Processes):
+    """Roles from one traced call, static statistics (one batch held back to verify them),
+    mixed widths, layer inputs where the recipe needs them, then convert in place.
+    Returns (the denoiser, its statistics, the mixed-precision result or None)."""
+    den = denoiser(pipe)
+    structure = denoiser_structure(pipe, prompts[0], s.seed, s.steps, s.guidance)
+    p = plan(den, recipe, structure=structure)  # activation specs do not depend on mixed widths
+    stats, held = None, []
+    if p.static:
+        stats, held = _collect(s, pipe, prompts, p, progress and state.is_main_process, state)
+    mixed = None
+    if recipe.mixed is not None:
+        mixed = _plan_mixed(s, pipe, prompts, recipe, progress)
+        p = plan(den, mixed.recipe, structure=structure)
+    inputs = {}
+    if p.needs:  # GPTQ / AWQ / smoothing need the layer inputs: one more pass over the prompts
+        with calibrate(den, p, activations=False) as cal:
+            cal.run(_sampling_pass(s, pipe, prompts, progress))
+        inputs = cal.input_stats
+    convert(den, p, stats, inputs, verify=held)
+    den.diffq.report.mixed = mixed
+    return den, stats, mixed
+
+
+def _figures(out: Path, stats: dict | None, mixed: MixedResult | None, den) -> dict:
     """Draw the report's figures into the published `out`; a figure that cannot be made is a
     warning, never a lost model."""
     warnings, plotted = [], []
     if stats:
-        b = next((q.input_quant.boundaries for q in unet.modules()
+        b = next((q.input_quant.boundaries for q in den.modules()
                   if getattr(q, "input_quant", None) is not None
                   and hasattr(q.input_quant, "boundaries")), None)
         plotted, w = draw_optional("activation_ranges.png", lambda: activation_range_plot(
@@ -209,7 +222,7 @@ def _figures(out: Path, stats: dict | None, mixed: MixedResult | None, unet) -> 
             mixed.table, mixed.allocation.bits, out))
         warnings += [w] if w else []
     checked: list[str] = []
-    v = unet.diffq.report.verification
+    v = None if den is None else den.diffq.report.verification
     if v is not None:
         checked, w = draw_optional("verification figure", lambda: verification_plot(v, out))
         warnings += [w] if w else []
@@ -223,13 +236,13 @@ def _sampling_pass(s: CalibrateSettings, pipe, prompts: list[str], progress: boo
 
 
 def _plan_mixed(s: CalibrateSettings, pipe, prompts: list[str], recipe, progress: bool) -> MixedResult:
-    """Replay UNet calls of a few prompts at evenly spaced steps to measure per-layer
+    """Replay denoiser calls of a few prompts at evenly spaced steps to measure per-layer
     sensitivity, then choose widths; the table is cached next to the output for --resume."""
     cfg = recipe.mixed
-    calls = unet_calls(pipe, prompts[: cfg.prompts], s.steps, s.guidance, s.seed, cfg.timesteps)
+    calls = denoiser_calls(pipe, prompts[: cfg.prompts], s.steps, s.guidance, s.seed, cfg.timesteps)
     cached = _cache_dir(s.out) / "sensitivity.json"
     table = SensitivityTable.from_json(cached.read_text()) if s.resume and cached.is_file() else None
-    result = plan_mixed(pipe.unet, recipe, calls, table=table, progress=progress)
+    result = plan_mixed(denoiser(pipe), recipe, calls, table=table, progress=progress)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(result.table.to_json())
     return result
@@ -248,20 +261,11 @@ def mixed_summary(m: MixedResult) -> dict:
     }
 
 
-def _quantize_text_encoder(pipe, name: str, recipe, prompts: list[str], batch_size: int):
-    """Calibrate a text encoder on the tokenized prompts (no timesteps: one scale group)."""
-    encoder = getattr(pipe, name, None)
-    tokenizer = getattr(pipe, "tokenizer" if name == "text_encoder" else "tokenizer_2", None)
-    if encoder is None or tokenizer is None:
-        raise InputError(f"the recipe quantizes {name!r}, which this pipeline lacks")
-    batches = [{"input_ids": tokenizer(prompts[i:i + batch_size], padding="max_length",
-                                       max_length=tokenizer.model_max_length, truncation=True,
-                                       return_tensors="pt").input_ids}
-               for i in range(0, len(prompts), batch_size)]
-    batches.append({"input_ids": tokenizer([""], padding="max_length",  # the unconditional branch
-                                           max_length=tokenizer.model_max_length,
-                                           return_tensors="pt").input_ids})
-    return quantize(encoder, recipe.for_text_encoder().with_name(recipe.name), calibration=batches)
+def _quantize_text_encoder(pipe, name: str, recipe, prompts: list[str], s: CalibrateSettings):
+    """Calibrate a text encoder on the calls the pipeline makes to it for the prompts (its own
+    tokenizer, masks and unconditional branch; no timesteps: one scale group)."""
+    calls = text_encoder_calls(pipe, name, prompts, s.seed, s.guidance, s.batch_size)
+    return quantize(getattr(pipe, name), recipe.for_text_encoder().with_name(recipe.name), calibration=calls)
 
 
 def asdict_str(s: CalibrateSettings) -> dict:
@@ -321,7 +325,7 @@ def _collect(s, pipe, prompts, p: Plan, progress, procs: Processes = Processes()
             sample_latents(pipe, batch, s.seed + i, s.steps, s.guidance, step_done)
 
         held_batch = verifying and i // s.batch_size == VERIFY_BATCH
-        with calibrate(pipe.unet, p, inputs=False, holdout=ALL if held_batch else 0) as cal:
+        with calibrate(denoiser(pipe), p, inputs=False, holdout=ALL if held_batch else 0) as cal:
             cal.run(drive)
         if held_batch:  # this batch's calls check the scales the others give
             held += cal.held
@@ -351,7 +355,7 @@ def _verification_section(md: Markdown, v: dict, figures: list[str]) -> None:
     widened = (f"; {len(v['widened'])} layers widened to dynamic by the whole-model check"
                if v["widened"] else "")
     md.heading("Verification", 2).text(
-        f"Static scales checked on {v['calls']} UNet calls held back from the statistics (one prompt "
+        f"Static scales checked on {v['calls']} denoiser calls held back from the statistics (one prompt "
         f"batch, every timestep). Whole model on them: **{v['sqnr_db']:.2f} dB** output SQNR vs FP, "
         f"all-dynamic W8A8 {v['dynamic_sqnr_db']:.2f} dB (the bar: no more than 0.5 dB below). "
         f"Per layer: {', '.join(f'{n} {c}' for c, n in moved.most_common())}{widened}.")
@@ -386,7 +390,7 @@ def _write_report(out: Path, r: dict) -> None:
         rho = "n/a" if m["proxy_spearman"] is None else f"{m['proxy_spearman']:.2f}"
         md.heading("Mixed precision", 2).text(
             f"Average weight width {m['average_bits']} bits ({counts}); {m['bytes']:,} bytes in the "
-            "mixed layers. Relative MSE of the UNet output (fake-quant weights only, sensitivity "
+            "mixed layers. Relative MSE of the denoiser output (fake-quant weights only, sensitivity "
             f"calls): predicted (sum of per-layer) {m['predicted_error']:.3g}, measured "
             f"{m['measured_error']:.3g}. Proxy (weight error x input energy) vs measured rank "
             f"correlation at the lowest width: {rho}.")

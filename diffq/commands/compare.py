@@ -1,6 +1,6 @@
 """`diffq compare`: several schemes on the same prompts and seeds, one table and one grid.
 
-Activation statistics are collected once on the FP UNet (with skip-concat halves kept apart)
+Activation statistics are collected once on the FP denoiser (skip-concat halves kept apart)
 and shared by every scheme, so schemes differ only in how they turn statistics into scales.
 """
 from __future__ import annotations
@@ -20,10 +20,12 @@ from diffq.eval.grid import image_grid
 from diffq.integrations.pipeline import (
     VERIFY_BATCH,
     calibration_pass,
+    denoiser,
+    denoiser_calls,
+    denoiser_name,
     denoiser_structure,
     generate,
     load_pipeline,
-    unet_calls,
 )
 from diffq.integrations.unet import check_groups
 from diffq.io import check_at_least, read_prompts, write_text, writing_directory
@@ -43,25 +45,25 @@ class CompareSettings(EvalSettings):
 
 
 def _shared_stats(pipe, recipes, s: CompareSettings, structure, progress: bool) -> tuple[dict, list]:
-    """One collection on the FP UNet covering every static layer of every recipe (an input is
+    """One collection on the FP denoiser covering every static layer of every recipe (an input is
     split by channel segment where any recipe splits it; `convert` unsplits for the others),
     and the calls of the prompt batch that `diffq calibrate` holds back for verification."""
-    unet = pipe.unet
-    plans = [p for p in (plan(unet, r, structure=structure) for r in recipes) if p.static]
+    den = denoiser(pipe)
+    plans = [p for p in (plan(den, r, structure=structure) for r in recipes) if p.static]
     if not plans:
         return {}, []
     verifying = any(verifiable(p) for p in plans) and s.num_prompts > s.batch_size
-    with calibrate(unet, plans, inputs=False) as cal:
+    with calibrate(den, plans, inputs=False) as cal:
         cal.run(_calibration_pass(pipe, s, lambda k: not verifying or k != VERIFY_BATCH), progress)
     if not verifying:
         return cal.activation_stats, []
-    with calibrate(unet, plans, inputs=False, holdout=ALL) as held:
+    with calibrate(den, plans, inputs=False, holdout=ALL) as held:
         held.run(_calibration_pass(pipe, s, lambda k: k == VERIFY_BATCH))
     return cal.activation_stats, held.held
 
 
 def _calibration_pass(pipe, s: CompareSettings, batches=None):
-    """A callable sampling the calibration prompts with whatever UNet `pipe` holds, with the
+    """A callable sampling the calibration prompts with whatever denoiser `pipe` holds, with the
     seeds `diffq calibrate --seed SEED` uses, so its statistics are the same."""
     prompts = read_prompts(s.calib_prompts)[: s.num_prompts]
     return calibration_pass(pipe, prompts, s.seed, s.steps, s.guidance, s.batch_size, batches=batches)
@@ -76,8 +78,9 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
     for r in recipes.values():
         check_groups(r, s.steps)
     seeds = [s.seed + i for i in range(s.num_images)]
-    pipe = load_pipeline(s.model, progress=progress)
-    fp_unet = pipe.unet
+    pipe = load_pipeline(s.model, progress=progress, call=s.size)
+    name_den = denoiser_name(pipe)
+    fp_den = getattr(pipe, name_den)
     clip_fn, fid_fn, features = scorers(s)
     kw = dict(steps=s.steps, guidance=s.guidance, batch_size=s.batch_size, progress=progress)
     t0 = time.perf_counter()
@@ -86,33 +89,33 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
     real, real_desc = real_images(s, fp_imgs[0].size[0])
     structure = denoiser_structure(pipe, prompts[0], s.seed, s.steps, s.guidance)
     stats, held = _shared_stats(pipe, recipes.values(), s, structure, progress)
-    fp_bytes = weight_bytes(fp_unet)
+    fp_bytes = weight_bytes(fp_den)
     rows, grid_rows = [], []
     for name in s.schemes:
         if name == "fp":
             imgs, secs, wbytes = fp_imgs, fp_seconds, fp_bytes
         else:
-            unet = copy.deepcopy(fp_unet)
+            den = copy.deepcopy(fp_den)
             recipe = recipes[name]
             if recipe.mixed is not None:  # sensitivity on the calibration prompts, as calibrate does
-                calls = unet_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
+                calls = denoiser_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
                                    s.guidance, s.seed, recipe.mixed.timesteps)
-                recipe = plan_mixed(unet, recipe, calls, progress=progress).recipe
-            p = plan(unet, recipe, structure=structure)
-            pipe.unet = unet  # GPTQ / AWQ read this UNet's layer inputs while the pipeline samples
+                recipe = plan_mixed(den, recipe, calls, progress=progress).recipe
+            p = plan(den, recipe, structure=structure)
+            setattr(pipe, name_den, den)  # GPTQ / AWQ read its layer inputs while the pipeline samples
             try:
                 inputs = {}
                 if p.needs:
-                    with calibrate(unet, p, activations=False) as cal:
+                    with calibrate(den, p, activations=False) as cal:
                         cal.run(_calibration_pass(pipe, s))
                     inputs = cal.input_stats
-                convert(unet, p, stats, inputs, verify=held if verifiable(p) else None)
+                convert(den, p, stats, inputs, verify=held if verifiable(p) else None)
                 t0 = time.perf_counter()
                 imgs = generate(pipe, prompts, seeds, desc=name, **kw)
                 secs = (time.perf_counter() - t0) / len(prompts)
-                wbytes = weight_bytes(unet)
+                wbytes = weight_bytes(den)
             finally:
-                pipe.unet = fp_unet
+                setattr(pipe, name_den, fp_den)
         m = score(fp_imgs, imgs, prompts, clip_fn, fid_fn, real)
         rows.append({"scheme": name, **m, "weight_bytes": wbytes,
                      "weight_ratio_bf16": wbytes / fp_bytes, "seconds_per_image": secs})

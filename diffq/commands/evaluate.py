@@ -110,8 +110,8 @@ def run_eval(s: EvalSettings, progress: bool = True) -> dict:
     """Generate, score and write report.json / report.md / grid.png into `s.out` (atomic)."""
     prompts = check_settings(s)
     seeds = [s.seed + i for i in range(s.num_images)]
-    fp = load_pipeline(s.model, progress=progress)
-    qp = load_pipeline(s.model, progress=progress)
+    fp = load_pipeline(s.model, progress=progress, call=s.size)
+    qp = load_pipeline(s.model, progress=progress, call=s.size)
     scheme, comps = "fp", [denoiser_name(fp)]
     if s.quantized is not None:
         comps = apply_quantized(qp, s.quantized, verify_hashes=not s.no_verify)

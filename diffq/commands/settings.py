@@ -17,6 +17,8 @@ class SamplingSettings:
     guidance: float = 5.0
     seed: int = 0
     batch_size: int = 16
+    height: int | None = None  # image size in pixels (None: the pipeline's default)
+    width: int | None = None
     overwrite: bool = False
 
     def check_sampling(self) -> None:
@@ -24,3 +26,11 @@ class SamplingSettings:
         check_at_least("--steps", self.steps)
         check_at_least("--batch-size", self.batch_size)
         check_finite("--guidance", self.guidance)
+        for option, value in (("--height", self.height), ("--width", self.width)):
+            if value is not None:
+                check_at_least(option, value)
+
+    @property
+    def size(self) -> dict:
+        """The pipeline call's height / width where set (see `load_pipeline(..., call=)`)."""
+        return {k: v for k, v in (("height", self.height), ("width", self.width)) if v is not None}

@@ -226,6 +226,23 @@ class KVCacheSpec:
 
 
 @dataclass(frozen=True)
+class AttentionSpec:
+    """softmax(Q K^T) V with Q and K as int8 (SageAttention: K minus its mean over the tokens,
+    one scale per block of rows), V and the softmax in float. Applies wherever a diffusers
+    attention processor calls scaled_dot_product_attention without a mask; masked calls
+    (padded text in cross-attention) stay on float SDPA."""
+
+    format: Literal["int8"] = "int8"
+    block_q: int = 128
+    block_k: int = 64
+
+    def validate(self) -> None:
+        for key in ("block_q", "block_k"):
+            if getattr(self, key) < 1:
+                raise RecipeError(f"attention.{key} must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """The resolved scheme of one layer."""
 
@@ -245,13 +262,16 @@ class Recipe:
     # roles kept in float whatever their names (e.g. [input, output, embedding])
     keep_float: list[Role] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
-    # pipeline components `diffq calibrate` quantizes; text encoders get timestep_groups 1
-    components: list[Literal["unet", "transformer", "text_encoder", "text_encoder_2"]] = field(
-        default_factory=lambda: ["unet"])
+    # pipeline components `diffq calibrate` quantizes ("denoiser": the UNet or the DiT, whichever
+    # the pipeline has); text encoders get timestep_groups 1
+    components: list[Literal["denoiser", "unet", "transformer", "text_encoder", "text_encoder_2",
+                             "text_encoder_3"]] = field(default_factory=lambda: ["denoiser"])
     # per-layer widths chosen by measured sensitivity (resolved into overrides before quantizing)
     mixed: MixedSpec | None = None
     # causal LMs: key/value cache format at generation time (None: float)
     kv_cache: KVCacheSpec | None = None
+    # int8 Q K^T in the model's attention (None: float attention)
+    attention: AttentionSpec | None = None
     # calibrate one decoder block at a time on the quantized previous block's outputs
     # (None: yes for causal LMs whose recipe needs layer inputs)
     sequential: bool | None = None

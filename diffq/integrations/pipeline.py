@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import shutil
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ from diffq.checkpoint import META_FILE, load
 from diffq.errors import CheckpointError, InputError
 from diffq.integrations.adapters import register
 
-QUANTIZABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+DENOISERS = ("unet", "transformer")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+QUANTIZABLE_COMPONENTS = (*DENOISERS, *TEXT_ENCODERS)
 
 
 def check_pipeline_dir(path: str | Path) -> Path:
@@ -47,9 +50,14 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
             (lib.enable_progress_bar if was else lib.disable_progress_bar)()
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True):
+_CALL_OPTIONS = "_diffq_call_options"
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
+                  call: dict | None = None):
     """A diffusers pipeline from a local directory (diffq-quantized components included), with
-    its sampling progress bar off."""
+    its sampling progress bar off; `call` (e.g. height, width) goes into every pipeline call diffq
+    makes with it (`sampling_kwargs`)."""
     path = check_pipeline_dir(path)
     from diffusers import DiffusionPipeline
 
@@ -63,11 +71,44 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, progress
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise InputError(f"the pipeline in {path} has no UNet (or denoising transformer) to quantize")
     pipe.set_progress_bar_config(disable=True)
+    setattr(pipe, _CALL_OPTIONS, dict(call or {}))
     return pipe
 
 
 def denoiser_name(pipe) -> str:
+    """The pipeline attribute holding its denoiser: "unet", or "transformer" for a DiT."""
     return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
+def denoiser(pipe):
+    return getattr(pipe, denoiser_name(pipe))
+
+
+def resolve_components(pipe, requested: list[str]) -> list[str]:
+    """A recipe's `components` as this pipeline's attribute names, denoiser first: "denoiser"
+    is whichever it has; "unet" / "transformer" must be the one it has."""
+    name = denoiser_name(pipe)
+    out = []
+    for c in requested:
+        if c == "denoiser":
+            c = name
+        elif c in DENOISERS and c != name:
+            raise InputError(f"the recipe quantizes component {c!r}, but this pipeline's denoiser is "
+                             f"{name!r}; use 'denoiser' in the recipe's components")
+        elif getattr(pipe, c, None) is None:
+            raise InputError(f"the recipe quantizes {c!r}, which this pipeline lacks")
+        if c not in out:
+            out.append(c)
+    return sorted(out, key=lambda c: c not in DENOISERS)
+
+
+def sampling_kwargs(pipe) -> dict:
+    """What diffq passes to every call of `pipe`: the options it was loaded with (height, width),
+    and resolution binning (PixArt, Sana) off where the pipeline has it, so the size asked for (or
+    the denoiser's native size) is the size sampled."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    binning = {"use_resolution_binning": False} if "use_resolution_binning" in params else {}
+    return binning | getattr(pipe, _CALL_OPTIONS, {})
 
 
 def quantized_components(qdir: str | Path) -> dict[str, Path]:
@@ -125,7 +166,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
         ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(s) for s in ss]
         out = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                   output_type="pil")
+                   output_type="pil", **sampling_kwargs(pipe))
         images.extend(out.images)
         bar.update(len(ps))
     bar.close()
@@ -138,7 +179,7 @@ def sample_latents(pipe, prompts: list[str], first_seed: int, steps: int, guidan
     i of a prompt file always samples with seed + i (calibrate, compare and resumed runs alike).
     `on_step(pipe, i, t, kwargs)` runs after every denoising step."""
     gens = [torch.Generator().manual_seed(first_seed + k) for k in range(len(prompts))]
-    kw = {} if on_step is None else {"callback_on_step_end": on_step}
+    kw = sampling_kwargs(pipe) | ({} if on_step is None else {"callback_on_step_end": on_step})
     pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
          output_type="latent", **kw)
 
@@ -160,17 +201,29 @@ def calibration_pass(pipe, prompts: list[str], seed: int, steps: int, guidance: 
 def denoiser_structure(pipe, prompt: str, seed: int, steps: int, guidance: float) -> Structure:
     """The denoiser's layer roles and skip concats, traced on its first call while sampling
     `prompt` (the run stops at that call)."""
-    call = first_call(pipe.unet, calibration_pass(pipe, [prompt], seed, steps, guidance, 1))
-    return trace_structure(pipe.unet, *call)
+    model = denoiser(pipe)
+    call = first_call(model, calibration_pass(pipe, [prompt], seed, steps, guidance, 1))
+    return trace_structure(model, *call)
 
 
-def unet_calls(pipe, prompts: list[str], steps: int, guidance: float, seed: int, timesteps: int) -> list:
-    """The UNet calls (args, kwargs) of one sampling run over `prompts` at `timesteps` evenly
+def denoiser_calls(pipe, prompts: list[str], steps: int, guidance: float, seed: int, timesteps: int) -> list:
+    """The denoiser calls (args, kwargs) of one sampling run over `prompts` at `timesteps` evenly
     spaced denoising steps, to replay (mixed-precision sensitivity)."""
     from diffq.mixed.sensitivity import record_calls
 
     keep = set(torch.linspace(0, steps - 1, min(timesteps, steps)).round().long().tolist())
-    gens = [torch.Generator().manual_seed(seed + k) for k in range(len(prompts))]
-    return record_calls(pipe.unet, lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
-                                                generator=gens, output_type="latent"),
+    return record_calls(denoiser(pipe), lambda: sample_latents(pipe, prompts, seed, steps, guidance),
                         keep=keep.__contains__)
+
+
+def text_encoder_calls(pipe, name: str, prompts: list[str], seed: int, guidance: float,
+                       batch_size: int) -> list:
+    """Every call the pipeline makes to text encoder `name` while it samples the prompts (with
+    its own tokenizer, padding, masks and the unconditional branch), two denoising steps each
+    (PixArt's pipeline cannot take one with a multistep scheduler)."""
+    from diffq.mixed.sensitivity import record_calls
+
+    def drive():
+        for i in range(0, len(prompts), batch_size):
+            sample_latents(pipe, prompts[i:i + batch_size], seed + i, 2, guidance)
+    return record_calls(getattr(pipe, name), drive, keep=lambda _i: True)

@@ -50,3 +50,12 @@ def test_tiny_sd_rejects_bad_heads_and_threads(tmp_path):
         assert proc.stderr.strip().splitlines()[-1].startswith("train_tiny_sd.py: error: --"), proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "sd").exists()
+
+
+def test_tiny_dit_smoke_training(tmp_path):
+    stdout = _run("train_tiny_dit.py", tmp_path / "dit")
+    assert "[dit] step 1" in stdout
+    index = (tmp_path / "dit" / "model_index.json").read_text()
+    assert "PixArtAlphaPipeline" in index
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tmp_path / "dit" / sub).is_dir()
