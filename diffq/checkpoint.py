@@ -72,6 +72,12 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Name -> the name it shares storage with (tied weights, e.g. T5's embed_tokens / shared),
+    for checkpoints that another writer (save_pretrained) deduplicated."""
+    return _dedupe(model.state_dict())[1]
+
+
 def describe_layers(model: nn.Module) -> dict[str, dict]:
     """Layer name -> scheme and float weight shape of every quantized layer (diffq.json's `layers`)."""
     layers = {n: {**m.describe(), "shape": list(m.weight_shape)}
@@ -230,9 +236,11 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None, verify_hashe
     for name in marker_names(meta["layers"]):
         if name in tensors and tensors[name].numel() == 0:
             del tensors[name]
-    for alias, canonical in meta.get("aliases", {}).items():
+    for alias, canonical in meta.get("aliases", {}).items():  # whichever name the writer kept
         if canonical in tensors:
             tensors[alias] = tensors[canonical]
+        elif alias in tensors:
+            tensors[canonical] = tensors[alias]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

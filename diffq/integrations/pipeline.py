@@ -132,7 +132,7 @@ def save_quantized_pipeline(source: str | Path, components: dict, out: Path) -> 
     `import diffq`: the float components of `source` copied as they are, each quantized one
     saved with `save_pretrained` (config.json with quantization_config, safetensors) plus its
     diffq.json, so that `diffq.load` / `apply_quantized` read it too."""
-    from diffq.checkpoint import metadata
+    from diffq.checkpoint import metadata, tied_aliases
     from diffq.integrations.adapters import attach
 
     source = check_pipeline_dir(source)
@@ -141,7 +141,8 @@ def save_quantized_pipeline(source: str | Path, components: dict, out: Path) -> 
     for name, module in components.items():
         attach(module)
         module.save_pretrained(out / name)
-        (out / name / META_FILE).write_text(json.dumps(metadata(module), indent=1), encoding="utf-8")
+        meta = metadata(module, tied_aliases(module))
+        (out / name / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
 def apply_quantized(pipe, qdir: str | Path, verify_hashes: bool = True) -> list[str]:

@@ -43,7 +43,7 @@ def test_calibrate_eval_compare_on_a_dit_pipeline(pixart, tmp_path):
                "--num-prompts", "4", "--out", cmp, *FAST) == 0
     rows = json.loads((cmp / "compare.json").read_text())["rows"]
     assert [r["scheme"] for r in rows] == ["fp", "naive-w8a8", "w8a8"]
-    assert rows[2]["psnr_db"] > 25 and rows[2]["weight_ratio_bf16"] < 0.7
+    assert rows[2]["psnr_db"] > 25 and rows[2]["weight_ratio_bf16"] < 0.8  # tiny: embedders stay float
 
 
 def test_height_and_width_reach_every_pipeline_call(tmp_path):
