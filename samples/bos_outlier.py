@@ -22,7 +22,6 @@ from diffq.core.recipe import Override, load_recipe
 from diffq.eval.metrics import psnr, psnr_per_image
 from diffq.eval.shapes import to_tensor
 from diffq.integrations.pipeline import generate, load_pipeline
-from diffq.integrations.unet import skip_concat_segments
 from diffq.io import read_prompts
 
 KV = ["*attn2.to_k", "*attn2.to_v"]
@@ -97,8 +96,7 @@ def main() -> None:
                 for i in range(0, len(calib), 8):
                     pipe(calib[i:i + 8], num_inference_steps=a.steps, guidance_scale=a.guidance,
                          generator=gens[i:i + 8], output_type="latent")
-            quantize(unet, with_prefix(recipe, prefix), calibration=drive,
-                     segments=skip_concat_segments(unet))
+            quantize(unet, with_prefix(recipe, prefix), calibration=drive)  # skip segments traced
             q = to_tensor(generate(pipe, prompts, seeds, **kw))
             pipe.unet = fp_unet
             kv = kv_sqnr(fp_unet, unet, pipe, calib[:8])

@@ -1,4 +1,5 @@
-"""Measure the reference world: evaluator accuracy and the tiny-sd pipeline's sample quality.
+"""Measure the reference world: evaluator accuracy and a reference pipeline's sample quality
+(tiny-sd, or the tiny DiT with --pipeline samples/tiny-dit).
 
     python samples/measure_reference.py --n 256 --grid /tmp/tiny-sd-grid.png
 
@@ -12,8 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tiny_dit_parts
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 from tiny_sd_parts import assemble, build_text_encoder, build_unet, build_vae, eval_set
 
@@ -21,11 +23,12 @@ from diffq.eval.evaluator import TinyClip
 from diffq.eval.grid import image_grid
 from diffq.eval.metrics import caption_retrieval_top1, clip_score, fid
 from diffq.eval.shapes import render, sample_scenes, to_tensor
+from diffq.integrations.pipeline import sampling_kwargs
 
 HERE = Path(__file__).parent
 
 
-def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guidance: float,
+def generate(pipe: DiffusionPipeline, prompts: list[str], steps: int, guidance: float,
              batch: int) -> torch.Tensor:
     """Float images [N, 3, 64, 64] in [0, 1]; prompt i is sampled with seed i."""
     out = []
@@ -33,14 +36,17 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guid
         chunk = prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
         imgs = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                    generator=gens, output_type="np").images
+                    generator=gens, output_type="np", **sampling_kwargs(pipe)).images
         out.append(torch.from_numpy(np.asarray(imgs)).permute(0, 3, 1, 2).float())
     return torch.cat(out)
 
 
-def untrained_like(pipe: StableDiffusionPipeline, seed: int) -> StableDiffusionPipeline:
+def untrained_like(pipe: DiffusionPipeline, seed: int) -> DiffusionPipeline:
     """Same architecture, tokenizer and scheduler, freshly initialized weights."""
     torch.manual_seed(seed)
+    if getattr(pipe, "transformer", None) is not None:
+        return tiny_dit_parts.assemble(build_vae(), tiny_dit_parts.build_text_encoder(len(pipe.tokenizer)),
+                                       pipe.tokenizer, tiny_dit_parts.build_transformer())
     return assemble(build_vae(), build_text_encoder(len(pipe.tokenizer)), pipe.tokenizer, build_unet())
 
 

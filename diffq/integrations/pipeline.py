@@ -168,6 +168,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
         gens = [torch.Generator().manual_seed(s) for s in ss]
         out = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                    output_type="pil", **sampling_kwargs(pipe))
+        if not hasattr(out, "images"):
+            raise InputError(f"{type(pipe).__name__} makes videos, and eval / compare score images; "
+                             "calibrate it with `diffq calibrate` or `diffq.quantize`")
         images.extend(out.images)
         bar.update(len(ps))
     bar.close()

@@ -72,3 +72,17 @@ def test_recipe_naming_the_other_denoiser_is_one_clear_error(pixart, tmp_path, c
     assert run("calibrate", "--model", pixart, "--recipe", recipe, "--out", tmp_path / "q", *FAST) == 2
     err = capsys.readouterr().err.strip()
     assert "denoiser is 'transformer'" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_video_pipeline_calibrates_and_eval_says_it_scores_images(tmp_path, capsys):
+    wan = tmp_path / "wan"
+    build("wan")[0].save_pretrained(wan)
+    out = tmp_path / "q"
+    assert run("calibrate", "--model", wan, "--num-prompts", "4", "--height", "16", "--width", "16",
+               "--out", out, *FAST) == 0
+    assert json.loads((out / "report.json").read_text())["components"] == ["transformer"]
+    capsys.readouterr()
+    assert run("eval", "--model", wan, "--quantized", out, "--num-images", "2", "--height", "16",
+               "--width", "16", "--out", tmp_path / "ev", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert "makes videos" in err and len(err.splitlines()) == 1 and not (tmp_path / "ev").exists()
