@@ -1,10 +1,12 @@
 """The one dispatch point for quantized compute. Quantized modules call only `linear` and
 `conv2d` here. W8A8 calls (static symmetric int8 activations, symmetric int8 per-channel
 weights) go through the `diffq::w8a8_*` custom ops, whose CPU kernel is oneDNN int8 when a
-prepacked weight is available and whose CUDA kernel is Triton (`diffq.ops.cuda`); weight-only
-int4 per-group layers on CUDA go through `diffq::w4a16_linear`; weight-only int8 / int4 layers
-with a few bf16 rows on CPU (LLM decode) go through torch's weight-only packed kernels. Every
-other scheme runs the pure-torch reference, which dequantizes and runs the float op."""
+prepacked weight is available and whose CUDA kernel is Triton (`diffq.ops.cuda`); Linear calls
+with dynamic per-token int8 activations go through `diffq::w8a8_dynamic_linear` (int8 GEMM,
+torch._int_mm); weight-only int4 per-group layers on CUDA go through `diffq::w4a16_linear`;
+weight-only int8 / int4 layers with a few bf16 rows on CPU (LLM decode) go through torch's
+weight-only packed kernels. Every other scheme (dynamic Conv2d included) runs the pure-torch
+reference, which dequantizes and runs the float op."""
 from __future__ import annotations
 
 import torch
@@ -32,6 +34,27 @@ def _w8a8(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backen
         return False
     return (act is not None and not act.dynamic and act.fmt.name == "int8"
             and act.zero_point is None and _int8_per_channel(weight))
+
+
+def _w8a8_dynamic(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
+    """Per-token dynamic symmetric int8 activations with int8 per-channel weights: int8 GEMM."""
+    return (backend == "auto" and act is not None and act.dynamic and act.fmt.name == "int8"
+            and act.zero_point is None and act.feature_axis in (-1, x.dim() - 1)
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _int8_per_channel(weight))
+
+
+def _w_t(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
+    """The int8 weight transposed to [K, N], contiguous (torch._int_mm's right operand), cached."""
+    key = ("w_t", weight.data.data_ptr())
+    if cache is not None and key in cache:
+        return cache[key]
+    # explicit row-major strides: .t().contiguous() of a [N, 1] weight keeps strides (1, 1),
+    # which torch._int_mm on CPU misreads
+    w_t = torch.empty(weight.shape[1], weight.shape[0], dtype=weight.data.dtype,
+                      device=weight.data.device).copy_(weight.data.t())
+    if cache is not None:
+        cache[key] = w_t
+    return w_t
 
 
 def _segment_scales(act: ActQuant, channels: int) -> tuple[torch.Tensor, list[int]]:
@@ -123,6 +146,8 @@ def linear(
     if _w4a16(x, weight, act, backend):
         return library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point, bias,
                                     weight.layout.group_size)
+    if _w8a8_dynamic(weight, act, x, backend):
+        return library.w8a8_dynamic_linear(x, _w_t(weight, cache), _w_scale(weight, cache), bias)
     if not _w8a8(weight, act, x, backend):
         return reference.linear(x, weight, bias, act)
     xs, _ = _segment_scales(act, x.shape[-1])

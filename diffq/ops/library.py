@@ -58,6 +58,37 @@ def _w8a8_linear_fake(x, qweight, w_scale, bias, x_scale, packed=None):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+def _int_mm_fits(a: Tensor, b: Tensor) -> bool:
+    """torch._int_mm takes any shape on CPU (with row-major strides: it misreads the (1, 1)
+    strides a size-1 dimension may carry); cuBLAS wants m > 16 and k, n multiples of 8."""
+    (m, k), n = a.shape, b.shape[1]
+    if a.stride() != (k, 1) or b.stride() != (n, 1):
+        return False
+    return a.device.type == "cpu" or (a.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0)
+
+
+@torch.library.custom_op("diffq::w8a8_dynamic_linear", mutates_args=())
+def w8a8_dynamic_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """y = dq(q(x)) @ dq(W)^T + b with x quantized per token at run time (symmetric int8, the
+    reference grid), an int8 x int8 -> int32 GEMM (torch._int_mm), then both scales.
+    x [..., K], qweight_t int8 [K, N] (W transposed, contiguous), w_scale [N]."""
+    k, n = qweight_t.shape
+    rows = x.reshape(-1, k)
+    codes, s = reference.quantize_act(rows, None, [k])
+    if _int_mm_fits(codes, qweight_t):
+        y = torch._int_mm(codes, qweight_t).float().mul_(s.float()).mul_(w_scale.float())
+    else:
+        y = (codes.float() * s.float()) @ _dequant_weight(qweight_t.t(), w_scale, torch.float32).t()
+    if bias is not None:
+        y = y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@w8a8_dynamic_linear.register_fake
+def _w8a8_dynamic_linear_fake(x, qweight_t, w_scale, bias):
+    return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
+
+
 @torch.library.custom_op("diffq::w8a8_conv2d", mutates_args=())
 def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
                 x_scales: Tensor, segments: list[int], stride: list[int],
