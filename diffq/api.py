@@ -36,7 +36,7 @@ from diffq.errors import CalibrationError, RecipeError
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
 from diffq.nn.attention import attach_attention
-from diffq.nn.base import QuantizedLayer
+from diffq.nn.base import QuantizedLayer, layer_kernels
 from diffq.nn.clock import attach_clock
 from diffq.nn.convert import QuantizationReport, describe_plan, linearize_conv1d, plan_layers
 from diffq.nn.prepare import input_needs, prepare_and_convert
@@ -273,7 +273,9 @@ def convert(model: nn.Module, plan: Plan,
         converted[name].input_quant.set_table(scale, bounds[key], zp)
     _finish(model, plan, prepared, timestep_of)
     if check is not None:
-        diffq_state(model).report.verification = check.widen(model, plan)
+        report = diffq_state(model).report
+        report.verification = check.widen(model, plan)
+        report.kernels = layer_kernels(model)  # widened layers run another kernel
     return model
 
 
@@ -435,6 +437,7 @@ def _finish(model: nn.Module, plan: Plan, prepared: dict, timestep_of: TimestepO
                                 unmatched_patterns=list(plan.unmatched_patterns), sequential=sequential)
     report.quantized = {n: describe_plan(p) + (f" [{prepared[n].note}]" if n in prepared else "")
                         for n, p in plan.layers.items()}
+    report.kernels = layer_kernels(model)
     state = diffq_state(model)
     state.report, state.recipe = report, plan.recipe
     return model

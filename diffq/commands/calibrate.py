@@ -153,6 +153,8 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
                    for n, v in m.diffq.report.quantized.items()},
         "skipped": {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
                     for n, v in m.diffq.report.skipped.items()},
+        "kernels": {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
+                    for n, v in m.diffq.report.kernels.items()},
         "unmatched_patterns": {c: m.diffq.report.unmatched_patterns for c, m in comps.items()
                                if m.diffq.report.unmatched_patterns},
     }
@@ -381,6 +383,9 @@ def _write_report(out: Path, r: dict) -> None:
     md.table(["count", "scheme or reason"],
              [*((n, what) for what, n in Counter(r["layers"].values()).most_common()),
               *((n, f"float: {why}") for why, n in Counter(r["skipped"].values()).most_common())])
+    md.text("What the quantized layers run on this CPU (\"simulated\": activations rounded to "
+            "int8 and computed in float, no kernel for that scheme here yet):")
+    md.table(["layers", "kernel"], [(n, k) for k, n in Counter(r["kernels"].values()).most_common()])
     md.warnings(r["warnings"])
     if r["plotted_layers"]:
         md.image("activation_ranges.png", "activation range over timesteps")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffq import ops
 from diffq.core.config import to_dict
 from diffq.core.recipe import ActivationSpec, WeightSpec
 from diffq.core.weights import QuantizedWeight, quantize_weight
@@ -103,3 +104,10 @@ class QuantizedLayer(nn.Module):
             "segments": None if q is None else q.segments,
             "input_scale": hasattr(self, "input_scale"),
         }
+
+
+def layer_kernels(model: nn.Module) -> dict[str, str]:
+    """Layer name -> the compute its calls take on CPU (see `diffq.ops.kernel_of`)."""
+    return {n: ops.kernel_of(m.weight_layout, None if m.input_quant is None else m.input_quant.spec,
+                             conv=m.feature_axis == 1)
+            for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}

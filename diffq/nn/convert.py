@@ -33,6 +33,7 @@ class QuantizationReport:
     sequential: bool = False  # calibrated block by block (diffq.sequential)
     mixed: Any = None  # diffq.api.MixedResult of a mixed-precision recipe: table, widths, errors
     verification: dict | None = None  # held-back checks of static layers (diffq.api.convert)
+    kernels: dict[str, str] = field(default_factory=dict)  # layer -> compute on CPU (ops.kernel_of)
 
     def summary(self) -> str:
         lines = [f"recipe {self.recipe}: {len(self.quantized)} layers quantized, "

@@ -16,7 +16,7 @@ from diffq.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels; 
 from diffq.ops import library, onednn, reference
 from diffq.ops.types import ActQuant
 
-__all__ = ["ActQuant", "BACKENDS", "linear", "conv2d", "quantize_activation"]
+__all__ = ["ActQuant", "BACKENDS", "linear", "conv2d", "quantize_activation", "kernel_of"]
 
 BACKENDS = ("auto", "reference")
 quantize_activation = reference.quantize_activation
@@ -55,6 +55,25 @@ def _w_t(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
     if cache is not None:
         cache[key] = w_t
     return w_t
+
+
+def kernel_of(layout, act, conv: bool, device: str = "cpu") -> str:
+    """The compute a layer with weight `layout` and activation spec `act` (None: weight-only)
+    runs on `device` for float inputs of many rows: what the report lists per layer. A
+    "simulated" entry is fake-quant: its activations are rounded to int8 and computed in float."""
+    int8_weights = layout.format == "int8" and layout.symmetric and layout.group_size is None
+    if act is not None and act.format == "int8" and act.symmetric and int8_weights:
+        if act.mode == "static":
+            if device == "cuda":
+                return "Triton int8"
+            return "oneDNN int8" if onednn.available() else "reference (int8 activations simulated)"
+        if not conv:
+            return "int8 GEMM (torch._int_mm)"
+    if act is None:
+        if device == "cuda" and layout.format == "int4" and layout.group_size is not None:
+            return "Triton w4a16"
+        return "weight-only: dequantize + float"
+    return f"reference ({act.format} activations simulated)"
 
 
 def _segment_scales(act: ActQuant, channels: int) -> tuple[torch.Tensor, list[int]]:

@@ -44,6 +44,10 @@ def test_calibrate_writes_the_quantized_pipeline(calibrated):
     assert not list(calibrated.parent.glob(".*"))  # no partial or cache directories left
     md = (calibrated / "report.md").read_text()
     assert f"**{len(report['layers'])} layers quantized**, {len(report['skipped'])} kept float." in md
+    kernels = report["kernels"]  # every layer says what it runs; static ones the int8 kernel
+    assert set(kernels) == set(report["layers"]) and "| kernel |" in md
+    static = [n for n, scheme in report["layers"].items() if "/static" in scheme]
+    assert static and all(kernels[n] == "oneDNN int8" for n in static)
     modes = {f.stat().st_mode & 0o777 for f in calibrated.rglob("*") if f.is_file()}
     assert len(modes) == 1 and modes.pop() & 0o044  # safetensors files readable like the rest
 

@@ -58,3 +58,20 @@ def test_int8_attention_default_is_close_to_float_attention(gen):
     out = library.int8_attention(q, k, v)
     ref = F.scaled_dot_product_attention(q, k, v)
     assert float(F.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) > 0.999
+
+
+def test_kernel_of_names_the_real_kernels_and_the_simulated_schemes():
+    from diffq.core.recipe import ActivationSpec, WeightSpec
+    from diffq.ops import kernel_of, onednn
+
+    w8 = WeightSpec("int8", "per_channel").layout()
+    w4 = WeightSpec("int4", "per_group", group_size=64).layout()
+    static, dynamic = ActivationSpec(), ActivationSpec(mode="dynamic", granularity="per_token")
+    assert kernel_of(w8, static, conv=True) == ("oneDNN int8" if onednn.available()
+                                                else "reference (int8 activations simulated)")
+    assert kernel_of(w8, static, conv=False, device="cuda") == "Triton int8"
+    assert kernel_of(w8, dynamic, conv=False) == "int8 GEMM (torch._int_mm)"
+    assert kernel_of(w8, dynamic, conv=True) == "reference (int8 activations simulated)"
+    assert kernel_of(w4, static, conv=False) == "reference (int8 activations simulated)"
+    assert kernel_of(w4, None, conv=False) == "weight-only: dequantize + float"
+    assert kernel_of(w4, None, conv=False, device="cuda") == "Triton w4a16"
