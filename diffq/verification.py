@@ -40,8 +40,8 @@ class Check:
 
     def widen(self, model: nn.Module, plan) -> dict:
         """Measure the converted model; while it is more than `margin_db` below plain
-        all-dynamic W8A8, switch the static layers with the largest measured gap to dynamic,
-        an eighth of those left at a time."""
+        all-dynamic W8A8, switch the static layers with the largest measured gap to dynamic
+        (Conv2d: weight-only), an eighth of those left at a time."""
         static = [n for n in plan.static]
         chosen, dynamic = self._sqnr(model), self.dynamic_db
         widened: list[str] = []
@@ -55,13 +55,13 @@ class Check:
             widened += step
             chosen = self._sqnr(model)
         report = diffq_state(model).report
+        fallback = {n: "weight-only" if _conv(model.get_submodule(n)) else "dynamic" for n in widened}
         for n in widened:
-            report.quantized[n] = describe_plan(LayerPlan(plan.layers[n].weights,
-                                                          dynamic_spec(plan.layers[n].activations))) \
-                + " (widened)"
+            a = None if fallback[n] == "weight-only" else dynamic_spec(plan.layers[n].activations)
+            report.quantized[n] = describe_plan(LayerPlan(plan.layers[n].weights, a)) + " (widened)"
         return {"calls": len(self.calls), "sqnr_db": chosen, "dynamic_sqnr_db": dynamic,
                 "widened": widened,
-                "layers": {n: {"sqnr_db": c.sqnr, "choice": "dynamic (widened)" if n in widened
+                "layers": {n: {"sqnr_db": c.sqnr, "choice": f"{fallback[n]} (widened)" if n in widened
                                else c.choice, "role": plan.role(n)} for n, c in v.items()}}
 
 
@@ -73,9 +73,18 @@ def _output_tensor(out) -> torch.Tensor:
     return _output_tensor(out[0])
 
 
+def _conv(m: nn.Module) -> bool:
+    """Per-pixel dynamic scales cannot be factored out of a convolution's sum, so no int8 kernel
+    runs a dynamic Conv2d: where a Linear falls back to dynamic int8, a Conv2d falls back to
+    int8 weights with float inputs (weight-only: real storage, real compute, more accurate)."""
+    return isinstance(m, nn.Conv2d) or getattr(m, "feature_axis", -1) == 1
+
+
 def _set_dynamic(layer: QuantizedLayer) -> ActivationQuantizer:
+    """Widen one converted layer: dynamic int8 inputs (Linear) or float inputs (Conv2d)."""
     old = layer.input_quant
-    layer.input_quant = ActivationQuantizer(dynamic_spec(old.spec), old.feature_axis, [sum(old.segments)])
+    layer.input_quant = None if _conv(layer) else ActivationQuantizer(
+        dynamic_spec(old.spec), old.feature_axis, [sum(old.segments)])
     return old
 
 
@@ -93,6 +102,9 @@ def check_layers(model: nn.Module, plan, stats: dict, bounds: dict, calls: list,
         weights = dequantized_weights(model, plan.layers, stats)  # once, for both passes
         v = verify_layers(model, plan.layers, stats, plan.segments, bounds, calls, clock, weights,
                           no_smooth=frozenset(plan.needs))
+        for n, c in v.layers.items():
+            if c.choice == "dynamic" and _conv(model.get_submodule(n)):
+                c.choice = "weight-only"
         with torch.inference_mode():
             ref = [_output_tensor(call_model(model, c)) for c in calls]
         dyn = dynamic_twin_outputs(model, weights, calls, _output_tensor)
@@ -107,7 +119,8 @@ def verifiable(plan) -> bool:
 
 
 def with_fallbacks(plan, v: Verification):
-    """The plan with each verified layer's chosen observer, or dynamic activations."""
+    """The plan with each verified layer's chosen observer, or dynamic activations (Conv2d:
+    weight-only), or float."""
     layers, moved, skipped = dict(plan.layers), v.fallbacks(), dict(plan.skipped)
     for n, choice in moved.items():
         a = layers[n].activations
@@ -117,7 +130,9 @@ def with_fallbacks(plan, v: Verification):
                           f"{sq['dynamic']:.1f} dB dynamic)")
             del layers[n]
             continue
-        if choice == "dynamic":
+        if choice == "weight-only":
+            a = None
+        elif choice == "dynamic":
             a = dynamic_spec(a)
         elif choice == "smooth":  # one scale for the smoothed input: no split
             a = dataclasses.replace(a, split_skip=False)
@@ -126,7 +141,8 @@ def with_fallbacks(plan, v: Verification):
         layers[n] = LayerPlan(layers[n].weights, a)
     return dataclasses.replace(plan, layers=layers, skipped=skipped, needs={
         n: nd for n, nd in plan.needs.items() if n in layers}, segments={
-        n: s for n, s in plan.segments.items() if moved.get(n) not in ("dynamic", "smooth", "float")})
+        n: s for n, s in plan.segments.items()
+        if moved.get(n) not in ("dynamic", "weight-only", "smooth", "float")})
 
 
 def dynamic_spec(a: ActivationSpec) -> ActivationSpec:

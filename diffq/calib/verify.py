@@ -53,12 +53,14 @@ class LayerCheck:
     """One static layer's measured errors (SQNR dB per candidate) and the choice made."""
 
     sqnr: dict[str, float]
-    choice: str  # "static" (recipe's observer), an observer name, "smooth", "dynamic" or "float"
+    # "static" (recipe's observer), an observer name, "smooth", "dynamic", "weight-only" (a
+    # Conv2d's fallback instead of dynamic) or "float"
+    choice: str
     smooth: torch.Tensor | None = None  # s [C] of the smoothing candidate
 
     @property
     def chosen_db(self) -> float:
-        return math.inf if self.choice == "float" else self.sqnr[self.choice]
+        return math.inf if self.choice in ("float", "weight-only") else self.sqnr[self.choice]
 
 
 @dataclass
