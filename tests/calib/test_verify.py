@@ -8,6 +8,8 @@ import torch
 import diffq
 from diffq.calib.verify import choose
 from diffq.core import sqnr_db
+from diffq.nn import QConv2d
+from tests.conftest import ToyUNet, toy_calibration
 from tests.unseen_models import edm_calls, edm_net
 
 
@@ -155,3 +157,24 @@ def test_a_float_choice_keeps_the_layer_float_and_says_why(monkeypatch):
     for n in floats:
         assert isinstance(m.get_submodule(n), (torch.nn.Conv2d, torch.nn.Linear))  # not swapped
         assert "kept float by verification" in m.diffq.report.skipped[n]
+
+
+def test_a_dynamic_fallback_is_dynamic_int8_for_a_linear_and_weight_only_for_a_conv(monkeypatch):
+    """No int8 kernel takes per-pixel dynamic scales (they cannot be factored out of a
+    convolution's sum), so where the verifier moves a Linear to dynamic int8 (the int8 GEMM) it
+    moves a Conv2d to int8 weights with float inputs: real compute, nothing simulated."""
+    from diffq.calib import verify
+
+    monkeypatch.setattr(verify, "choose", lambda *a, **k: "dynamic")
+    torch.manual_seed(0)
+    calls = toy_calibration(6) + toy_calibration(6, seed=1)  # two calls per timestep: one held back
+    m = diffq.quantize(ToyUNet(), "w8a8", calibration=calls)
+    v, kernels = m.diffq.report.verification, m.diffq.report.kernels
+    convs = [n for n in v["layers"] if isinstance(m.get_submodule(n), QConv2d)]
+    linears = [n for n in v["layers"] if n not in convs]
+    assert convs and linears
+    assert all(v["layers"][n]["choice"] == "weight-only" and m.get_submodule(n).input_quant is None
+               and kernels[n] == "weight-only: dequantize + float" for n in convs)
+    assert all(v["layers"][n]["choice"] == "dynamic" and kernels[n] == "int8 GEMM (torch._int_mm)"
+               for n in linears)
+    assert not any("simulated" in k for k in kernels.values())
