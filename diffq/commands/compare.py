@@ -15,7 +15,7 @@ from pathlib import Path
 from diffq.api import ALL, calibrate, convert, load_recipe, plan, plan_mixed, verifiable, weight_bytes
 from diffq.assets import shipped
 from diffq.commands.evaluate import EvalSettings, check_settings, real_images, score, scorers
-from diffq.errors import InputError
+from diffq.errors import DiffqError, InputError
 from diffq.eval.grid import image_grid
 from diffq.integrations.pipeline import (
     VERIFY_BATCH,
@@ -79,8 +79,7 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
         check_groups(r, s.steps)
     seeds = [s.seed + i for i in range(s.num_images)]
     pipe = load_pipeline(s.model, progress=progress, call=s.size)
-    name_den = denoiser_name(pipe)
-    fp_den = getattr(pipe, name_den)
+    fp_den = denoiser(pipe)
     clip_fn, fid_fn, features = scorers(s)
     kw = dict(steps=s.steps, guidance=s.guidance, batch_size=s.batch_size, progress=progress)
     t0 = time.perf_counter()
@@ -95,27 +94,12 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
         if name == "fp":
             imgs, secs, wbytes = fp_imgs, fp_seconds, fp_bytes
         else:
-            den = copy.deepcopy(fp_den)
-            recipe = recipes[name]
-            if recipe.mixed is not None:  # sensitivity on the calibration prompts, as calibrate does
-                calls = denoiser_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
-                                   s.guidance, s.seed, recipe.mixed.timesteps)
-                recipe = plan_mixed(den, recipe, calls, progress=progress).recipe
-            p = plan(den, recipe, structure=structure)
-            setattr(pipe, name_den, den)  # GPTQ / AWQ read its layer inputs while the pipeline samples
             try:
-                inputs = {}
-                if p.needs:
-                    with calibrate(den, p, activations=False) as cal:
-                        cal.run(_calibration_pass(pipe, s))
-                    inputs = cal.input_stats
-                convert(den, p, stats, inputs, verify=held if verifiable(p) else None)
-                t0 = time.perf_counter()
-                imgs = generate(pipe, prompts, seeds, desc=name, **kw)
-                secs = (time.perf_counter() - t0) / len(prompts)
-                wbytes = weight_bytes(den)
-            finally:
-                setattr(pipe, name_den, fp_den)
+                imgs, secs, wbytes = _scheme_images(pipe, recipes[name], name, s, structure, stats, held,
+                                                    prompts, seeds, kw)
+            except DiffqError as e:  # this scheme cannot be made for this model: say why, go on
+                rows.append({"scheme": name, "error": str(e)})
+                continue
         m = score(fp_imgs, imgs, prompts, clip_fn, fid_fn, real)
         rows.append({"scheme": name, **m, "weight_bytes": wbytes,
                      "weight_ratio_bf16": wbytes / fp_bytes, "seconds_per_image": secs})
@@ -127,10 +111,39 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
         safe = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()}
                 for r in rows]
         (tmp / "compare.json").write_text(json.dumps({**meta, "rows": safe}, indent=1))
-        image_grid(grid_rows, s.schemes, scale=2, captions=prompts[:8]).save(tmp / "grid.png")
+        done = [r["scheme"] for r in rows if "error" not in r]
+        image_grid(grid_rows, done, scale=2, captions=prompts[:8]).save(tmp / "grid.png")
         write_text(tmp / "compare.md", str(format_table(rows, meta).image(
             "grid.png", "same prompts and seeds, one row per scheme")))
     return rows
+
+
+def _scheme_images(pipe, recipe, name: str, s: CompareSettings, structure, stats: dict, held: list,
+                   prompts: list[str], seeds: list[int], kw: dict) -> tuple[list, float, int]:
+    """Quantize a copy of the denoiser with `recipe` (mixed widths measured on the calibration
+    prompts, as calibrate does), sample the prompts with it; (images, seconds per image,
+    weight bytes). The pipeline gets its float denoiser back whatever happens."""
+    name_den = denoiser_name(pipe)
+    fp_den = getattr(pipe, name_den)
+    den = copy.deepcopy(fp_den)
+    setattr(pipe, name_den, den)  # GPTQ / AWQ read its layer inputs while the pipeline samples
+    try:
+        if recipe.mixed is not None:
+            calls = denoiser_calls(pipe, read_prompts(s.calib_prompts)[: recipe.mixed.prompts], s.steps,
+                                   s.guidance, s.seed, recipe.mixed.timesteps)
+            recipe = plan_mixed(den, recipe, calls, progress=kw["progress"]).recipe
+        p = plan(den, recipe, structure=structure)
+        inputs = {}
+        if p.needs:
+            with calibrate(den, p, activations=False) as cal:
+                cal.run(_calibration_pass(pipe, s))
+            inputs = cal.input_stats
+        convert(den, p, stats, inputs, verify=held if verifiable(p) else None)
+        t0 = time.perf_counter()
+        imgs = generate(pipe, prompts, seeds, desc=name, **kw)
+        return imgs, (time.perf_counter() - t0) / len(prompts), weight_bytes(den)
+    finally:
+        setattr(pipe, name_den, fp_den)
 
 
 def format_table(rows: list[dict], meta: dict) -> Markdown:
@@ -139,7 +152,8 @@ def format_table(rows: list[dict], meta: dict) -> Markdown:
     return md.table(
         ["scheme", "PSNR dB", "PSNR median / worst", "SSIM", "CLIP", "FID", "weight bytes (x bf16)",
          "s / image"],
-        [(r["scheme"], f"{r['psnr_db']:.2f}", f"{r['psnr_db_median']:.2f} / {r['psnr_db_min']:.2f}",
+        [(r["scheme"], f"not run: {r['error']}", *["-"] * 6) if "error" in r else
+         (r["scheme"], f"{r['psnr_db']:.2f}", f"{r['psnr_db_median']:.2f} / {r['psnr_db_min']:.2f}",
           f"{r['ssim']:.4f}", f"{r['clip_score']:.2f}", f"{r['fid']:.3f}",
           f"{r['weight_bytes']:,} ({r['weight_ratio_bf16']:.3f})", f"{r['seconds_per_image']:.3f}")
          for r in rows])

@@ -184,12 +184,18 @@ def test_interrupted_calibration_resumes_to_the_same_statistics(tmp_path, monkey
 
 def test_compare_table(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert run("compare", "--model", MODEL, "--schemes", "fp,naive-w8a8,w8a8", "--num-images", "2",
-               "--num-prompts", "2", "--out", out, *FAST) == 0
+    impossible = tmp_path / "impossible.yaml"  # a width budget this model cannot meet
+    impossible.write_text("name: impossible\nmixed:\n  candidates:\n"
+                          "    - {format: int4, granularity: per_group, group_size: 32}\n"
+                          "    - {format: int8, granularity: per_channel}\n"
+                          "  target_bits: 4.5\n  min_bits:\n    - {match: ['*'], bits: 8}\n")
+    assert run("compare", "--model", MODEL, "--schemes", f"fp,naive-w8a8,{impossible},w8a8",
+               "--num-images", "2", "--num-prompts", "2", "--out", out, *FAST) == 0
     table = capsys.readouterr().out
     rows = json.loads((out / "compare.json").read_text())["rows"]
-    assert [r["scheme"] for r in rows] == ["fp", "naive-w8a8", "w8a8"]
-    assert rows[0]["psnr_db"] == "inf" and rows[2]["psnr_db"] > 15
+    assert [r["scheme"] for r in rows] == ["fp", "naive-w8a8", str(impossible), "w8a8"]
+    assert rows[0]["psnr_db"] == "inf" and rows[3]["psnr_db"] > 15
+    assert "cannot be met" in rows[2]["error"] and "not run: " in table  # the others still ran
     assert "| w8a8 |" in table and (out / "grid.png").is_file()
 
 
