@@ -142,19 +142,19 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
         den, stats, mixed = _quantize_denoiser(s, pipe, recipe, prompts, progress, state)
         comps[names[0]] = den
         recipe = mixed.recipe if mixed is not None else recipe
-    for name in names[len(comps):]:
-        comps[name] = _quantize_text_encoder(pipe, name, recipe, prompts, s)
+    encoders = names[len(comps):]
+    if encoders:  # recorded before any is quantized: they read token ids, not each other
+        calls = text_encoder_calls(pipe, encoders, prompts, s.seed, s.guidance, s.batch_size)
+        text_recipe = recipe.for_text_encoder().with_name(recipe.name)  # no timesteps: one group
+        for name in encoders:
+            comps[name] = quantize(getattr(pipe, name), text_recipe, calibration=calls[name])
     report = {
         "recipe": recipe.name, "model": str(s.model), "prompts": str(s.prompts),
         "num_prompts": len(prompts), "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
         "components": list(comps),
         "weight_bytes": sum(weight_bytes(m) for m in comps.values()), "weight_bytes_fp": fp_bytes,
-        "layers": {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
-                   for n, v in m.diffq.report.quantized.items()},
-        "skipped": {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
-                    for n, v in m.diffq.report.skipped.items()},
-        "kernels": {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
-                    for n, v in m.diffq.report.kernels.items()},
+        "layers": _per_layer(comps, "quantized"), "skipped": _per_layer(comps, "skipped"),
+        "kernels": _per_layer(comps, "kernels"),
         "unmatched_patterns": {c: m.diffq.report.unmatched_patterns for c, m in comps.items()
                                if m.diffq.report.unmatched_patterns},
     }
@@ -180,6 +180,13 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     report.update(_figures(s.out, stats, mixed, den))
     _write_report(s.out, report)
     return report
+
+
+def _per_layer(comps: dict, field: str) -> dict:
+    """One report field (`quantized`, `skipped`, `kernels`) of every component, by layer name:
+    the denoiser's layers as they are, a text encoder's prefixed with its component name."""
+    return {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
+            for n, v in getattr(m.diffq.report, field).items()}
 
 
 def _quantize_denoiser(s: CalibrateSettings, pipe, recipe, prompts: list[str], progress: bool,
@@ -261,13 +268,6 @@ def mixed_summary(m: MixedResult) -> dict:
                            if finite.sum() > 1 else None),
         "layers": a.bits,
     }
-
-
-def _quantize_text_encoder(pipe, name: str, recipe, prompts: list[str], s: CalibrateSettings):
-    """Calibrate a text encoder on the calls the pipeline makes to it for the prompts (its own
-    tokenizer, masks and unconditional branch; no timesteps: one scale group)."""
-    calls = text_encoder_calls(pipe, name, prompts, s.seed, s.guidance, s.batch_size)
-    return quantize(getattr(pipe, name), recipe.for_text_encoder().with_name(recipe.name), calibration=calls)
 
 
 def asdict_str(s: CalibrateSettings) -> dict:

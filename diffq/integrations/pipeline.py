@@ -220,14 +220,14 @@ def denoiser_calls(pipe, prompts: list[str], steps: int, guidance: float, seed: 
                         keep=keep.__contains__)
 
 
-def text_encoder_calls(pipe, name: str, prompts: list[str], seed: int, guidance: float,
-                       batch_size: int) -> list:
-    """Every call the pipeline makes to text encoder `name` while it samples the prompts (with
-    its own tokenizer, padding, masks and the unconditional branch), two denoising steps each
-    (PixArt's pipeline cannot take one with a multistep scheduler)."""
-    from diffq.mixed.sensitivity import record_calls
+def text_encoder_calls(pipe, names: list[str], prompts: list[str], seed: int, guidance: float,
+                       batch_size: int) -> dict[str, list]:
+    """Every call the pipeline makes to each text encoder of `names` while it samples the prompts
+    (with its own tokenizers, padding, masks and the unconditional branch), in one pass of two
+    denoising steps per batch (PixArt's pipeline cannot take one with a multistep scheduler)."""
+    from diffq.mixed.sensitivity import record_calls_of
 
     def drive():
         for i in range(0, len(prompts), batch_size):
             sample_latents(pipe, prompts[i:i + batch_size], seed + i, 2, guidance)
-    return record_calls(getattr(pipe, name), drive, keep=lambda _i: True)
+    return record_calls_of({n: getattr(pipe, n) for n in names}, drive)

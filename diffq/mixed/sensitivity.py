@@ -61,16 +61,25 @@ def _output(result: Any) -> torch.Tensor:
 def record_calls(model: nn.Module, drive: Callable[[], Any], keep: Callable[[int], bool]) -> list:
     """Run `drive()` (e.g. a pipeline loop) and return the (args, kwargs) of the model calls whose
     index passes `keep`, detached and cloned, to replay later."""
-    calls: list = []
-    count = [0]
+    return record_calls_of({"": model}, drive, keep)[""]
 
-    def hook(_m, args, kwargs):
-        if keep(count[0]):
-            clone = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-            calls.append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
-        count[0] += 1
 
-    with input_hooks({"": model}, lambda _n, _m: hook, with_kwargs=True), torch.inference_mode():
+def record_calls_of(models: dict[str, nn.Module], drive: Callable[[], Any],
+                    keep: Callable[[int], bool] = lambda _i: True) -> dict[str, list]:
+    """`record_calls` for several models in one run of `drive()`: name -> the calls of that model
+    (each counted on its own for `keep`)."""
+    calls: dict[str, list] = {n: [] for n in models}
+    count = dict.fromkeys(models, 0)
+
+    def make(name, _m):
+        def hook(_mod, args, kwargs):
+            if keep(count[name]):
+                clone = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+                calls[name].append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+            count[name] += 1
+        return hook
+
+    with input_hooks(models, make, with_kwargs=True), torch.inference_mode():
         drive()
     return calls
 
@@ -174,5 +183,5 @@ def measure_allocation(model: nn.Module, layers: dict[str, nn.Module], calls: li
             layers[n].weight.data.copy_(w)
 
 
-__all__ = ["SensitivityTable", "record_calls", "input_energy", "proxy_error", "measure_sensitivity",
-           "measure_allocation", "FLOAT_BITS"]
+__all__ = ["SensitivityTable", "record_calls", "record_calls_of", "input_energy", "proxy_error",
+           "measure_sensitivity", "measure_allocation", "FLOAT_BITS"]

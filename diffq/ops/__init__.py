@@ -22,10 +22,18 @@ BACKENDS = ("auto", "reference")
 quantize_activation = reference.quantize_activation
 
 
-def _int8_per_channel(weight: QuantizedWeight) -> bool:
+def _int8_per_channel(layout) -> bool:
     """Symmetric int8 with one scale per output channel (or tensor): what the kernels take."""
-    layout = weight.layout
     return layout.format == "int8" and layout.symmetric and layout.group_size is None
+
+
+def _cached(cache: dict | None, key: tuple, make):
+    """`make()`, kept in the calling module's kernel cache under `key` when it has one."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def _w8a8(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
@@ -33,36 +41,31 @@ def _w8a8(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backen
     if backend == "reference" and x.device.type == "cuda":
         return False
     return (act is not None and not act.dynamic and act.fmt.name == "int8"
-            and act.zero_point is None and _int8_per_channel(weight))
+            and act.zero_point is None and _int8_per_channel(weight.layout))
 
 
 def _w8a8_dynamic(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
     """Per-token dynamic symmetric int8 activations with int8 per-channel weights: int8 GEMM."""
     return (backend == "auto" and act is not None and act.dynamic and act.fmt.name == "int8"
             and act.zero_point is None and act.feature_axis in (-1, x.dim() - 1)
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _int8_per_channel(weight))
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and _int8_per_channel(weight.layout))
 
 
 def _w_t(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
     """The int8 weight transposed to [K, N], contiguous (torch._int_mm's right operand), cached."""
-    key = ("w_t", weight.data.data_ptr())
-    if cache is not None and key in cache:
-        return cache[key]
     # explicit row-major strides: .t().contiguous() of a [N, 1] weight keeps strides (1, 1),
     # which torch._int_mm on CPU misreads
-    w_t = torch.empty(weight.shape[1], weight.shape[0], dtype=weight.data.dtype,
-                      device=weight.data.device).copy_(weight.data.t())
-    if cache is not None:
-        cache[key] = w_t
-    return w_t
+    return _cached(cache, ("w_t", weight.data.data_ptr()), lambda: torch.empty(
+        weight.shape[1], weight.shape[0], dtype=weight.data.dtype, device=weight.data.device
+    ).copy_(weight.data.t()))
 
 
 def kernel_of(layout, act, conv: bool, device: str = "cpu") -> str:
     """The compute a layer with weight `layout` and activation spec `act` (None: weight-only)
     runs on `device` for float inputs of many rows: what the report lists per layer. A
     "simulated" entry is fake-quant: its activations are rounded to int8 and computed in float."""
-    int8_weights = layout.format == "int8" and layout.symmetric and layout.group_size is None
-    if act is not None and act.format == "int8" and act.symmetric and int8_weights:
+    if act is not None and act.format == "int8" and act.symmetric and _int8_per_channel(layout):
         if act.mode == "static":
             if device == "cuda":
                 return "Triton int8"
@@ -88,13 +91,8 @@ def _segment_scales(act: ActQuant, channels: int) -> tuple[torch.Tensor, list[in
 
 def _w_scale(weight: QuantizedWeight, cache: dict | None, dtype=torch.float32) -> torch.Tensor:
     """Weight scales as a contiguous [out] vector, kept in the module's cache when it has one."""
-    key = ("w_scale", weight.scale.data_ptr(), dtype)
-    if cache is not None and key in cache:
-        return cache[key]
-    scale = weight.scale.reshape(-1).expand(weight.shape[0]).to(dtype).contiguous()
-    if cache is not None:
-        cache[key] = scale
-    return scale
+    return _cached(cache, ("w_scale", weight.scale.data_ptr(), dtype),
+                   lambda: weight.scale.reshape(-1).expand(weight.shape[0]).to(dtype).contiguous())
 
 
 def _fast(x: torch.Tensor, cache: dict | None, backend: str) -> bool:
@@ -113,7 +111,7 @@ _DECODE_MAX_ROWS = 128
 def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
     return (backend == "auto" and act is None and x.device.type == "cpu"
             and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
-            and _int8_per_channel(weight))
+            and _int8_per_channel(weight.layout))
 
 
 def _w4_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
@@ -126,18 +124,14 @@ def _w4_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, b
 def _int4_pack(weight: QuantizedWeight, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tinygemm-packed codes, scales_and_zeros [K/g, O, 2] bf16) for torch's int4 CPU kernel,
     which computes w = (u - 8) * scale + zero from unsigned codes u = q + 8."""
-    key = ("int4pack", weight.data.data_ptr())
-    if cache is not None and key in cache:
-        return cache[key]
-    codes = weight.codes().reshape(weight.shape[0], -1)  # signed int4 in [-8, 7]
-    packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 2)
-    scale = weight.scale.float().reshape(weight.shape[0], -1)  # [O, K/g]
-    zp = weight.zero_point
-    zero = torch.zeros_like(scale) if zp is None else -zp.float().reshape(scale.shape) * scale
-    sz = torch.stack((scale.t(), zero.t()), -1).to(torch.bfloat16).contiguous()
-    if cache is not None:
-        cache[key] = (packed, sz)
-    return packed, sz
+    def make():
+        codes = weight.codes().reshape(weight.shape[0], -1)  # signed int4 in [-8, 7]
+        packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 2)
+        scale = weight.scale.float().reshape(weight.shape[0], -1)  # [O, K/g]
+        zp = weight.zero_point
+        zero = torch.zeros_like(scale) if zp is None else -zp.float().reshape(scale.shape) * scale
+        return packed, torch.stack((scale.t(), zero.t()), -1).to(torch.bfloat16).contiguous()
+    return _cached(cache, ("int4pack", weight.data.data_ptr()), make)
 
 
 def _w4a16(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
@@ -172,10 +166,7 @@ def linear(
     xs, _ = _segment_scales(act, x.shape[-1])
     packed = None
     if _fast(x, cache, backend):
-        key = ("linear", weight.data.data_ptr())
-        if key not in cache:
-            cache[key] = onednn.pack_linear(weight.data)
-        packed = cache[key]
+        packed = _cached(cache, ("linear", weight.data.data_ptr()), lambda: onednn.pack_linear(weight.data))
     w_scale = _w_scale(weight, cache)
     return library.w8a8_linear(x, weight.data, w_scale, bias, xs, packed)
 
@@ -202,15 +193,11 @@ def conv2d(
     if _fast(x, cache, backend) and onednn.can_pack_conv(padding, groups, segments):
         # oneDNN takes x_scale at packing time; packs are keyed by segment layout only since
         # the kernel call passes the scale again (checked against the reference in tests).
-        key = ("conv", tuple(segments), weight.data.data_ptr())
-        if key not in cache:
-            cache[key] = onednn.pack_conv(w4, w_scale, scales.tolist(), segments, stride, padding,
-                                          dilation, groups)
-        packs = cache[key]
+        packs = _cached(cache, ("conv", tuple(segments), weight.data.data_ptr()), lambda: onednn.pack_conv(
+            w4, w_scale, scales.tolist(), segments, stride, padding, dilation, groups))
     elif x.device.type == "cuda" and cache is not None and groups == 1:
-        key = ("conv_ohwi", weight.data.data_ptr())  # the Triton kernel's NHWC weight layout
-        if key not in cache:
-            cache[key] = w4.permute(0, 2, 3, 1).contiguous()
-        packs = [cache[key]]
+        # the Triton kernel's NHWC weight layout
+        packs = [_cached(cache, ("conv_ohwi", weight.data.data_ptr()),
+                         lambda: w4.permute(0, 2, 3, 1).contiguous())]
     return library.w8a8_conv2d(x, w4, w_scale, bias, scales, segments, list(stride),
                                list(padding), list(dilation), groups, packs)
