@@ -47,6 +47,7 @@ from diffq.integrations.pipeline import (
     denoiser_calls,
     denoiser_structure,
     load_pipeline,
+    pipeline_components,
     resolve_components,
     sample_latents,
     save_quantized_pipeline,
@@ -134,8 +135,8 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
         raise InputError("--resume is not supported with several processes; run it in one process")
     recipe = load_recipe(s.recipe)
     check_groups(recipe, s.steps)
+    names = resolve_components(pipeline_components(s.model), recipe.components)  # before loading
     pipe = load_pipeline(s.model, progress=progress, call=s.size)
-    names = resolve_components(pipe, recipe.components)
     fp_bytes = sum(weight_bytes(getattr(pipe, n)) for n in names)
     comps, stats, mixed, den = {}, None, None, None
     if names[0] in DENOISERS:

@@ -84,10 +84,17 @@ def denoiser(pipe):
     return getattr(pipe, denoiser_name(pipe))
 
 
-def resolve_components(pipe, requested: list[str]) -> list[str]:
-    """A recipe's `components` as this pipeline's attribute names, denoiser first: "denoiser"
-    is whichever it has; "unet" / "transformer" must be the one it has."""
-    name = denoiser_name(pipe)
+def pipeline_components(path: str | Path) -> set[str]:
+    """The quantizable components a pipeline folder has (its model_index.json), read before
+    anything is loaded so that a recipe naming a missing one is refused at once."""
+    index = json.loads((check_pipeline_dir(path) / "model_index.json").read_text(encoding="utf-8"))
+    return {n for n in QUANTIZABLE_COMPONENTS if isinstance(index.get(n), list) and index[n][0] is not None}
+
+
+def resolve_components(available: set[str], requested: list[str]) -> list[str]:
+    """A recipe's `components` as attribute names of a pipeline with `available` components,
+    denoiser first: "denoiser" is whichever it has; "unet" / "transformer" must be the one it has."""
+    name = "unet" if "unet" in available else "transformer"
     out = []
     for c in requested:
         if c == "denoiser":
@@ -95,7 +102,7 @@ def resolve_components(pipe, requested: list[str]) -> list[str]:
         elif c in DENOISERS and c != name:
             raise InputError(f"the recipe quantizes component {c!r}, but this pipeline's denoiser is "
                              f"{name!r}; use 'denoiser' in the recipe's components")
-        elif getattr(pipe, c, None) is None:
+        if c not in available:
             raise InputError(f"the recipe quantizes {c!r}, which this pipeline lacks")
         if c not in out:
             out.append(c)

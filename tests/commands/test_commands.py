@@ -105,6 +105,8 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
     latin = tmp_path / "latin.txt"
     latin.write_bytes("un carr\xe9 rouge\n".encode("latin-1"))
     out = tmp_path / "out"
+    no_t5 = tmp_path / "t5.yaml"  # a component tiny-sd does not have
+    no_t5.write_text("name: w8-t5\ncomponents: [denoiser, text_encoder_3]\n")
     cases = [
         (["eval", "--model", tmp_path / "nope"], f"model directory {tmp_path / 'nope'} does not exist"),
         (["calibrate", "--model", tmp_path / "nope"], "does not exist"),
@@ -127,6 +129,9 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
         (["compare", "--model", MODEL, "--num-prompts", "0"], "--num-prompts"),
         (["eval", "--model", MODEL, "--batch-size", "0"], "--batch-size"),
         (["calibrate", "--model", MODEL, "--batch-size", "0"], "--batch-size"),
+        (["calibrate", "--model", MODEL, "--height", "0"], "--height"),
+        (["eval", "--model", MODEL, "--width", "-8"], "--width"),
+        (["calibrate", "--model", MODEL, "--recipe", no_t5], "'text_encoder_3', which this pipeline lacks"),
         (["bench", "--model", tmp_path / "nope"], "has no unet"),
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--threads", "0"], "--threads"),
