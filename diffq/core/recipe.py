@@ -346,7 +346,7 @@ def builtin_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _parse_yaml(text: str, origin: str) -> Recipe:
+def _read_yaml(text: str, origin: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -358,6 +358,64 @@ def _parse_yaml(text: str, origin: str) -> Recipe:
         raise RecipeError(f"{origin}: the recipe is empty")
     if not isinstance(data, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _source(recipe: str | Path, relative_to: Path | None = None) -> tuple[str, str, Path | None]:
+    """(YAML text, name for messages, folder a relative `extends` resolves in) of a built-in
+    name or a YAML path (relative paths from `relative_to` when given)."""
+    text_name = str(recipe)
+    builtin = resources.files("diffq.recipes") / f"{text_name}.yaml"
+    if "/" not in text_name and not text_name.endswith((".yaml", ".yml")) and builtin.is_file():
+        return builtin.read_text(encoding="utf-8"), f"recipe {text_name!r}", None
+    path = Path(recipe)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if not path.is_file():
+        raise RecipeError(
+            f"unknown recipe {text_name!r}: not a built-in ({', '.join(builtin_recipes())}) "
+            "and no such YAML file"
+        )
+    try:
+        return path.read_text(encoding="utf-8"), str(path), path.parent
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: recipe file is not UTF-8 text") from None
+
+
+def _merge(base: dict, patch: dict) -> dict:
+    """`patch` over `base`: mappings merge key by key, `overrides` append to the base's (later
+    overrides win), any other value replaces."""
+    out = dict(base)
+    for k, v in patch.items():
+        if k == "overrides" and isinstance(v, list) and isinstance(base.get(k), list):
+            out[k] = base[k] + v
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            out[k] = _merge(base[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve(data: dict, origin: str, folder: Path | None, seen: tuple[str, ...] = ()) -> dict:
+    """A recipe's keys with `extends: <built-in or YAML path>` applied (the base's name and
+    description are not inherited)."""
+    base_ref = data.get("extends")
+    if base_ref is None:
+        return data
+    if not isinstance(base_ref, str):
+        raise RecipeError(f"{origin}: 'extends' names one recipe (a built-in name or a YAML path), "
+                          f"got {base_ref!r}")
+    text, base_origin, base_folder = _source(base_ref, folder)
+    if base_origin in seen:
+        raise RecipeError(f"{origin}: 'extends' goes round in a circle "
+                          f"({' -> '.join((*seen, base_origin))})")
+    base = _resolve(_read_yaml(text, base_origin), base_origin, base_folder, (*seen, base_origin))
+    base = {k: v for k, v in base.items() if k not in ("name", "description")}
+    return _merge(base, {k: v for k, v in data.items() if k != "extends"})
+
+
+def _parse(text: str, origin: str, folder: Path | None) -> Recipe:
+    data = _resolve(_read_yaml(text, origin), origin, folder, (origin,))
     try:
         return Recipe.from_dict(data)
     except RecipeError as e:
@@ -365,21 +423,9 @@ def _parse_yaml(text: str, origin: str) -> Recipe:
 
 
 def load_recipe(recipe: str | Path | Recipe) -> Recipe:
-    """A Recipe object, a built-in name ("w8a8", "w8", "w4g64", ...) or a path to a YAML file."""
+    """A Recipe object, a built-in name ("w8a8", "w8", "w4g64", ...) or a path to a YAML file.
+    A recipe may start from another with `extends: <name or path>` and change what differs."""
     if isinstance(recipe, Recipe):
         return recipe
-    text_name = str(recipe)
-    builtin = resources.files("diffq.recipes") / f"{text_name}.yaml"
-    if "/" not in text_name and not text_name.endswith((".yaml", ".yml")) and builtin.is_file():
-        return _parse_yaml(builtin.read_text(encoding="utf-8"), f"recipe {text_name!r}")
-    path = Path(recipe)
-    if not path.is_file():
-        raise RecipeError(
-            f"unknown recipe {text_name!r}: not a built-in ({', '.join(builtin_recipes())}) "
-            "and no such YAML file"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: recipe file is not UTF-8 text") from None
-    return _parse_yaml(text, str(path))
+    text, origin, folder = _source(recipe)
+    return _parse(text, origin, folder)

@@ -20,7 +20,10 @@ def sigma_of(a, k):
 def test_choice_is_the_best_static_cost_candidate_in_line():
     assert choose({"static": 33.0, "percentile": 33.5, "mse": 33.8, "dynamic": 45.0}, 6, 30) == "static"
     assert choose({"static": 33.0, "percentile": 34.0, "mse": 35.0, "dynamic": 45.0}, 6, 30) == "mse"
-    assert choose({"static": 20.0, "smooth": 31.0, "dynamic": 45.0}, 6, 30) == "smooth"
+    assert choose({"static": 20.0, "smooth": 44.5, "dynamic": 45.0}, 6, 30) == "smooth"
+    # smoothing's error is the same at every step: it must come within 1 dB of dynamic
+    assert choose({"static": 20.0, "smooth": 31.0, "dynamic": 45.0}, 6, 30) == "dynamic"
+    assert choose({"static": 20.0, "smooth": 38.0, "dynamic": 37.0}, 6, 30) == "smooth"
     assert choose({"static": 20.0, "percentile": 21.0, "mse": 22.0, "dynamic": 27.0}, 6, 30) == "mse"
     assert choose({"static": 10.0, "percentile": 11.0, "mse": 12.0, "dynamic": 27.0}, 6, 30) == "dynamic"
     assert choose({"static": 3.0, "percentile": 4.0, "mse": 5.0, "dynamic": 12.0}, 6, 30) == "float"

@@ -37,6 +37,9 @@ BAD = {
                           "activations.smoothing"),
     "alpha_without_smoothing": ("activations: {mode: dynamic, granularity: per_token, smooth_alpha: 0.5}\n",
                                 "smooth_alpha"),
+    "extends_unknown": ("extends: w9a9\n", "unknown recipe 'w9a9'"),
+    "extends_not_a_name": ("extends: [w8a8, w8]\n", "'extends' names one recipe"),
+    "extends_then_bad_key": ("extends: w8a8\nweights: {bitz: 4}\n", "weights.bitz"),
     "alpha_out_of_range": ("activations: {mode: dynamic, granularity: per_token, smoothing: smoothquant, "
                            "smooth_alpha: 1.5}\n", "smooth_alpha"),
 }
@@ -134,3 +137,37 @@ def test_role_and_verify_keys_refuse_bad_values_in_one_line(data, message):
     with pytest.raises(RecipeError) as e:
         Recipe.from_dict(data)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_extends_patches_the_base(tmp_path):
+    """Mappings merge key by key, overrides append (later ones win), other values replace;
+    the base's name and description are not inherited; relative paths resolve beside the file."""
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ndescription: the base\nextends: w8a8\nskip: [conv_in]\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: base.yaml\nactivations: {timestep_groups: 8}\nskip: [conv_out]\n"
+        "overrides: [{match: ['*.to_k'], keep_float: true}]\n")
+    r, w8a8 = load_recipe(tmp_path / "child.yaml"), load_recipe("w8a8")
+    assert (r.name, r.description) == ("custom", "")
+    assert r.activations == Recipe.from_dict({"activations": {
+        **w8a8.to_dict()["activations"], "timestep_groups": 8}}).activations
+    assert r.weights == w8a8.weights and r.keep_float == w8a8.keep_float
+    assert r.skip == ["conv_out"]
+    assert r.overrides[:-1] == w8a8.overrides and r.overrides[-1].keep_float
+    assert r.plan_for("down.attn.to_k") is None
+
+
+def test_extends_refuses_a_circle(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="goes round in a circle") as e:
+        load_recipe(tmp_path / "a.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_modulation_rows_get_dynamic_scales_in_every_w8a8_family_recipe():
+    """adaLN / time projections (one row per sample) are dynamic per row; the rest static."""
+    for name in ("w8a8", "w8a8-int8attn", "w4a8", "w4a8-mixed", "w4a8-mixed-generic"):
+        r = load_recipe(name)
+        assert r.plan_for("blocks.0.norm1.linear", frozenset({"modulation"})).activations.mode == "dynamic"
+        assert r.plan_for("blocks.0.attn.to_q").activations.mode == "static"
