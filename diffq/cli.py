@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate": "calibrate and quantize a model (default: the embedded tiny-sd, w8a8)",
         "eval": "compare a quantized pipeline with its full-precision model (PSNR/SSIM/CLIP/FID)",
         "compare": "run several schemes on the same prompts and seeds; one table and a grid",
-        "bench": "time FP32, bf16 and quantized layers and denoiser steps; ratios table",
+        "bench": "time fp32, bf16 and quantized models (denoisers, encoders, LLM decode); one table",
     }
     parsers = {}
     for name, help_ in commands.items():
@@ -99,15 +99,19 @@ def _run_llm(args: argparse.Namespace) -> int:
 
 def _add_bench(sp: argparse.ArgumentParser) -> None:
     from diffq.commands.bench import BenchSettings as S
+    from diffq.commands.bench_models import WORKLOADS
 
-    _option(sp, "--model", S, "pipeline directory (UNet or DiT), 'tiny-sd' or 'sd15' "
-            "(SD1.5-architecture UNet with random weights)")
-    _option(sp, "--recipe", S, "built-in recipe name or YAML path")
-    _option(sp, "--batch", S, "denoiser batch (prompts x 2 for guidance)", type=int)
-    _option(sp, "--repeats", S, "timed runs per measurement (median)", type=int)
-    _option(sp, "--warmup", S, "untimed runs before each measurement", type=int)
+    _option(sp, "--model", S, f"bench rows, comma-separated ({', '.join(WORKLOADS)}), 'all', "
+            "or one pipeline folder (UNet or DiT)")
+    _option(sp, "--schemes", S, "recipes to time, comma-separated (unset: each row's own)")
+    _option(sp, "--batch", S, "batch (unset: 2 for denoisers, prompts x 2 for guidance; 32 for "
+            "bert; 1 for llm-decode)", type=int)
+    _option(sp, "--repeats", S, "timed rounds, one call of every variant each (median)", type=int)
+    _option(sp, "--warmup", S, "untimed calls of each variant first", type=int)
     _option(sp, "--threads", S, "torch threads (unset: torch's choice)", type=int)
-    _option(sp, "--layers", S, "per-layer rows: the N largest layers", type=int)
+    sp.add_argument("--compile", action="store_true",
+                    help="also time the bf16 and quantized models under torch.compile")
+    _option(sp, "--layers", S, "one denoiser row: also time its N largest layers alone", type=int)
     _option(sp, "--out", S, "write the result as JSON to this file", type=Path)
     sp.set_defaults(func=_run_bench)
 

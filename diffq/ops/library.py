@@ -68,10 +68,14 @@ def _int_mm_fits(a: Tensor, b: Tensor) -> bool:
 
 
 @torch.library.custom_op("diffq::w8a8_dynamic_linear", mutates_args=())
-def w8a8_dynamic_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def w8a8_dynamic_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None,
+                        packed: Tensor | None = None) -> Tensor:
     """y = dq(q(x)) @ dq(W)^T + b with x quantized per token at run time (symmetric int8, the
-    reference grid), an int8 x int8 -> int32 GEMM (torch._int_mm), then both scales.
-    x [..., K], qweight_t int8 [K, N] (W transposed, contiguous), w_scale [N]."""
+    reference grid), an int8 x int8 -> int32 GEMM, then both scales: oneDNN's packed int8 GEMM
+    when `packed` is given (CPU), else torch._int_mm.
+    x [..., K], qweight_t int8 [K, N] (W transposed; contiguous for _int_mm), w_scale [N]."""
+    if packed is not None and x.device.type == "cpu":  # see w8a8_linear: MkldnnCPU packs
+        return onednn.linear_packed_dynamic(x, packed, w_scale, bias)
     k, n = qweight_t.shape
     rows = x.reshape(-1, k)
     codes, s = reference.quantize_act(rows, None, [k])
@@ -85,7 +89,7 @@ def w8a8_dynamic_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Ten
 
 
 @w8a8_dynamic_linear.register_fake
-def _w8a8_dynamic_linear_fake(x, qweight_t, w_scale, bias):
+def _w8a8_dynamic_linear_fake(x, qweight_t, w_scale, bias, packed=None):
     return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
 
 
@@ -97,16 +101,25 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
     """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `packed`:
     oneDNN packs per segment (CPU), the weight as [O, kh, kw, C] (CUDA), or [] (reference)."""
     if packed and x.device.type == "cpu":  # see w8a8_linear: MkldnnCPU packs dispatch here
-        return onednn.conv2d_packed(x, packed, w_scale, bias, x_scales, segments, stride, padding,
-                                    dilation, groups)
-    return conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
-                            dilation, groups)
+        y = onednn.conv2d_packed(x, packed, w_scale, bias, x_scales, segments, stride, padding,
+                                 dilation, groups)
+    else:
+        y = conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
+                             dilation, groups)
+    return y.contiguous(memory_format=_layout_of(x))
+
+
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """The output layout of a conv on x, whichever kernel ran (so the fake can say it)."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 @w8a8_conv2d.register_fake
 def _w8a8_conv2d_fake(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation,
                       groups, packed):
-    return F.conv2d(x, qweight.to(x.dtype), None, stride, padding, dilation, groups)
+    y = F.conv2d(x, qweight.to(x.dtype), None, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=_layout_of(x))
 
 
 @torch.library.custom_op("diffq::w4a16_linear", mutates_args=())

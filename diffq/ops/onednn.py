@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffq.ops import reference
+from diffq.ops import fused
 
 _U8_ZP = 128
 
@@ -88,10 +88,8 @@ def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments:
     return packs
 
 
-def _quantize_u8(x: Tensor, scale: float) -> Tensor:
-    """oneDNN's u8 input (zero point 128) is diffq's int8 code + 128: flip the sign bit."""
-    q = reference.int8_codes(x, torch.tensor(scale, dtype=torch.float32))
-    return q.view(torch.uint8).bitwise_xor_(0x80)
+def _scale_tensor(scale: float) -> Tensor:
+    return torch.tensor([scale], dtype=torch.float32)
 
 
 def _zeros(n: int) -> Tensor:
@@ -104,12 +102,25 @@ def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Ten
     b = None if bias is None or split else bias.float()
     scales = _scales(w_scale)
     y = torch.ops.onednn.qlinear_pointwise(
-        _quantize_u8(x, x_scale), x_scale, _U8_ZP, packed, scales, _zeros(len(scales)),
+        fused.u8_static(x, _scale_tensor(x_scale)), x_scale, _U8_ZP, packed, scales, _zeros(len(scales)),
         b, 1.0, 0, x.dtype, "none", [], "")
     if not split:
         return y
     y = _join(y, y.dim() - 1)
     return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias) -> Tensor:
+    """The W8A8 linear with x quantized per token at run time: codes on the packed int8 GEMM
+    with unit input scale, fp32 out, then each row times its own scale (exact: the scale is
+    constant along the reduction)."""
+    k = x.shape[-1]
+    u8, s = fused.u8_dynamic(x.reshape(-1, k))
+    scales = _scales(w_scale)
+    y = torch.ops.onednn.qlinear_pointwise(
+        u8, 1.0, _U8_ZP, packed, scales, _zeros(len(scales)), None, 1.0, 0, torch.float32,
+        "none", [], "")
+    return fused.rescale(_join(y, 1), s, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: Tensor,
@@ -120,7 +131,7 @@ def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scale
     scales = _scales(w_scale, groups)
     for i, (size, xs) in enumerate(zip(segments, x_scales, strict=True)):
         part = x if len(segments) == 1 else x[:, start:start + size]
-        qx = _quantize_u8(part, xs).contiguous(memory_format=torch.channels_last)
+        qx = fused.u8_static_nhwc(part, _scale_tensor(xs))
         b = None if (bias is None or i > 0 or split) else bias.float()
         y = torch.ops.onednn.qconv2d_pointwise(
             qx, xs, _U8_ZP, packs[i], scales, _zeros(len(scales)), b, list(stride),

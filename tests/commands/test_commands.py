@@ -132,7 +132,11 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
         (["calibrate", "--model", MODEL, "--height", "0"], "--height"),
         (["eval", "--model", MODEL, "--width", "-8"], "--width"),
         (["calibrate", "--model", MODEL, "--recipe", no_t5], "'text_encoder_3', which this pipeline lacks"),
-        (["bench", "--model", tmp_path / "nope"], "has no unet"),
+        (["bench", "--model", tmp_path / "nope"], "not a pipeline folder nor a bench row"),
+        (["bench", "--model", tmp_path], "has no unet"),
+        (["bench", "--model", "tiny-sd,sd99"], "unknown bench rows sd99"),
+        (["bench", "--schemes", "w9a9"], "unknown recipe 'w9a9'"),
+        (["bench", "--batch", "0"], "--batch"),
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--threads", "0"], "--threads"),
     ]
@@ -237,12 +241,16 @@ def test_bench_table_and_json(kind, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert run("bench", "--model", model, "--repeats", "1", "--warmup", "0", "--layers", "1",
                "--out", out) == 0
-    r = json.loads(out.read_text())
-    assert set(r["step_seconds"]) == {"fp32", "bf16", "quantized", "quantized_fp32"}
-    assert all(0 < t < 60 for t in r["step_seconds"].values())
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["seconds_per_unit"]) == {"fp32", "bf16", "w8a8"}
+    assert all(0 < t < 60 for t in row["seconds_per_unit"].values())
+    assert row["speedup_vs_bf16"]["bf16"] == 1.0
     # the random tiny PixArt keeps relatively more in float (scale-shift tables, embedders)
-    assert r["weight_bytes"]["quantized"] < (0.6 if kind == "unet" else 0.8) * r["weight_bytes"]["bf16"]
-    assert len(r["layers"]) == 1 and "| denoiser step |" in capsys.readouterr().out
+    wb = row["weight_bytes"]
+    assert wb["w8a8"] < (0.6 if kind == "unet" else 0.8) * wb["bf16"] and wb["fp32"] == 2 * wb["bf16"]
+    assert len(row["layers"]) == 1 and set(row["layers"][0]["seconds"]) == {"fp32", "bf16", "w8a8"}
+    printed = capsys.readouterr().out
+    assert "| row | variant |" in printed and "largest layers alone" in printed
 
 
 def test_mixed_precision_calibrate_writes_allocation_and_figures(tmp_path):
@@ -318,3 +326,26 @@ def test_global_switches_are_restored():
     with library_progress_bars(not was):
         assert dlog.is_progress_bar_enabled() == (not was)
     assert dlog.is_progress_bar_enabled() == was
+
+
+def test_bench_repeats_are_interleaved():
+    from diffq.commands.bench import interleaved
+
+    order = []
+    secs = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                       repeats=3, warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then one call of each per round
+    assert set(secs) == {"a", "b"} and all(v >= 0 for v in secs.values())
+
+
+@pytest.mark.slow
+def test_bench_encoder_and_decode_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    assert run("bench", "--model", "bert,llm-decode", "--repeats", "1", "--warmup", "0",
+               "--out", out) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows["bert"]["seconds_per_unit"]) == {"fp32", "bf16", "llm-w8a8-smoothquant"}
+    decode = rows["llm-decode"]
+    assert decode["unit"] == "token"
+    assert {"llm-w8a8-smoothquant", "llm-w4a16-gptq"} <= set(decode["weight_bytes"])
+    assert decode["weight_bytes"]["llm-w4a16-gptq"] < 0.4 * decode["weight_bytes"]["bf16"]
