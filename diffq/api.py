@@ -35,11 +35,11 @@ from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec, loa
 from diffq.errors import CalibrationError, RecipeError
 from diffq.mixed.plan import Allocation, choose, layer_candidates
 from diffq.mixed.sensitivity import SensitivityTable, measure_allocation, measure_sensitivity
-from diffq.nn.attention import attach_attention
 from diffq.nn.base import QuantizedLayer, layer_kernels
 from diffq.nn.clock import attach_clock
 from diffq.nn.convert import QuantizationReport, describe_plan, linearize_conv1d, plan_layers
 from diffq.nn.prepare import input_needs, prepare_and_convert
+from diffq.nn.runtime import attach_runtime
 from diffq.nn.state import diffq_state
 from diffq.nn.timestep import TimestepClock, TimestepOf, install_clock
 from diffq.verification import check_layers, verifiable, with_fallbacks
@@ -431,8 +431,7 @@ def uses_sequential(model: nn.Module, recipe: Recipe, needs: dict[str, tuple[boo
 
 def _finish(model: nn.Module, plan: Plan, prepared: dict, timestep_of: TimestepOf | None,
             sequential: bool = False) -> nn.Module:
-    attach_clock(model, timestep_of)
-    attach_attention(model, plan.recipe.attention)
+    attach_runtime(model, plan.recipe.attention, timestep_of)
     report = QuantizationReport(plan.recipe.name, skipped=dict(plan.skipped),
                                 unmatched_patterns=list(plan.unmatched_patterns), sequential=sequential)
     report.quantized = {n: describe_plan(p) + (f" [{prepared[n].note}]" if n in prepared else "")

@@ -18,10 +18,9 @@ from diffq.core.config import from_dict
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec
 from diffq.errors import CheckpointError, DiffqError
 from diffq.io import writing_directory
-from diffq.nn.attention import attach_attention
 from diffq.nn.base import QuantizedLayer
-from diffq.nn.clock import attach_clock
 from diffq.nn.convert import convert
+from diffq.nn.runtime import attach_runtime
 from diffq.nn.state import diffq_state
 
 FORMAT_VERSION = 1
@@ -258,8 +257,8 @@ def load(directory: str | Path, model: nn.Module, timestep_of=None, verify_hashe
             )
     model.load_state_dict(tensors, strict=True)
     verify(model, meta.get("tensors"), str(directory), verify_hashes)
-    if meta.get("recipe") is not None:
-        diffq_state(model).recipe = Recipe.from_dict(meta["recipe"])
-        attach_attention(model, diffq_state(model).recipe.attention)
-    attach_clock(model, timestep_of)
+    recipe = None if meta.get("recipe") is None else Recipe.from_dict(meta["recipe"])
+    if recipe is not None:
+        diffq_state(model).recipe = recipe
+    attach_runtime(model, None if recipe is None else recipe.attention, timestep_of)
     return model

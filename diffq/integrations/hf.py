@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from diffq.api import attach_clock, quantize
+from diffq.api import quantize
 from diffq.checkpoint import FORMAT_VERSION, check_format_version, convert_empty, metadata, verify
 from diffq.core.recipe import Recipe, builtin_recipes, load_recipe
 from diffq.errors import RecipeError
-from diffq.nn.attention import attach_attention
+from diffq.nn.runtime import attach_runtime
 from diffq.nn.state import diffq_state
 
 QUANT_METHOD = "diffq"
@@ -145,8 +145,7 @@ def finish(model: nn.Module, config: DiffqConfigMixin, pre_quantized: bool) -> D
     if pre_quantized:
         known = verify(model, config.tensors, f"this model's diffq checkpoint ({type(model).__name__})")
         diffq_state(model).recipe = config.resolved
-        attach_clock(model)
-        attach_attention(model, config.resolved.attention)
+        attach_runtime(model, config.resolved.attention)
     else:
         quantize(model, config.quantize_recipe())
     out = copy.copy(config)

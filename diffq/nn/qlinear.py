@@ -24,15 +24,20 @@ class QLinear(QuantizedLayer):
         self._init_quantized(weights, qw, linear.bias, activations, segments or [linear.in_features],
                              input_scale)
 
+    # an activation the module that owns this layer applies to its output, run by the kernel
+    # instead (set at attach time by diffq.nn.fuse; "" for none)
+    post = ""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.scale_input(x)
         args = (self.quantized_weight, self.bias)
         prefix = 0 if self.input_quant is None else self.input_quant.spec.float_prefix
         if prefix and x.dim() == 3:  # leading tokens (BOS) with float activations, see ActivationSpec
-            head = ops.linear(x[:, :prefix], *args, None, self.kernel_cache, self.backend)
-            tail = ops.linear(x[:, prefix:], *args, self.act_params(), self.kernel_cache, self.backend)
+            head = ops.linear(x[:, :prefix], *args, None, self.kernel_cache, self.backend, self.post)
+            tail = ops.linear(x[:, prefix:], *args, self.act_params(), self.kernel_cache, self.backend,
+                              self.post)
             return torch.cat((head, tail), dim=1)
-        return ops.linear(x, *args, self.act_params(), self.kernel_cache, self.backend)
+        return ops.linear(x, *args, self.act_params(), self.kernel_cache, self.backend, self.post)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weights={self.weight_spec.format}"

@@ -14,7 +14,7 @@ import torch
 
 from diffq.core.weights import QuantizedWeight
 from diffq.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels; no triton import)
-from diffq.ops import library, onednn, reference
+from diffq.ops import fused, library, onednn, reference
 from diffq.ops.types import ActQuant
 
 __all__ = ["ActQuant", "BACKENDS", "linear", "conv2d", "quantize_activation", "kernel_of"]
@@ -140,41 +140,47 @@ def _w4a16(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backe
             and weight.layout.format == "int4" and weight.layout.group_size is not None)
 
 
+def _packed_linear(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
+    return _cached(cache, ("linear", weight.data.data_ptr()), lambda: onednn.pack_linear(weight.data))
+
+
+def _then(y: torch.Tensor, post: str) -> torch.Tensor:
+    """`post` applied after a kernel that cannot fuse it (on CPU in one compiled fp32 pass)."""
+    return fused.activation(y, post) if y.device.type == "cpu" else library.apply_post(y, post)
+
+
 def linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None,
-    cache: dict | None = None, backend: str = "auto",
+    cache: dict | None = None, backend: str = "auto", post: str = "",
 ) -> torch.Tensor:
-    """y = x @ W^T + b with W quantized and, when `act` is given, x quantized. x: [..., K].
-    `cache` is the calling module's store for prepacked weights."""
+    """y = post(x @ W^T + b) with W quantized and, when `act` is given, x quantized. x: [..., K].
+    `cache` is the calling module's store for prepacked weights; `post` an activation of
+    `library.POSTS`, fused into the int8 kernels' epilogues."""
     if _w8_decode(x, weight, act, backend):
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.data,
                                       _w_scale(weight, cache, x.dtype))
         y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias.to(x.dtype)
+        return _then(y if bias is None else y + bias.to(x.dtype), post)
     if _w4_decode(x, weight, act, backend):
         packed, sz = _int4_pack(weight, cache)
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed,
                                               weight.layout.group_size, sz)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias.to(x.dtype)
+        return _then(y if bias is None else y + bias.to(x.dtype), post)
     if _w4a16(x, weight, act, backend):
-        return library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point, bias,
-                                    weight.layout.group_size)
+        return _then(library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point, bias,
+                                          weight.layout.group_size), post)
     if _w8a8_dynamic(weight, act, x, backend):
         if _fast(x, cache, backend):  # oneDNN's packed GEMM: 1.3-2.5x torch._int_mm here
-            packed = _cached(cache, ("linear", weight.data.data_ptr()),
-                             lambda: onednn.pack_linear(weight.data))
             return library.w8a8_dynamic_linear(x, weight.data.t(), _w_scale(weight, cache), bias,
-                                               packed)
-        return library.w8a8_dynamic_linear(x, _w_t(weight, cache), _w_scale(weight, cache), bias)
+                                               _packed_linear(weight, cache), post)
+        return library.w8a8_dynamic_linear(x, _w_t(weight, cache), _w_scale(weight, cache), bias,
+                                           None, post)
     if not _w8a8(weight, act, x, backend):
-        return reference.linear(x, weight, bias, act)
+        return _then(reference.linear(x, weight, bias, act), post)
     xs, _ = _segment_scales(act, x.shape[-1])
-    packed = None
-    if _fast(x, cache, backend):
-        packed = _cached(cache, ("linear", weight.data.data_ptr()), lambda: onednn.pack_linear(weight.data))
-    w_scale = _w_scale(weight, cache)
-    return library.w8a8_linear(x, weight.data, w_scale, bias, xs, packed)
+    packed = _packed_linear(weight, cache) if _fast(x, cache, backend) else None
+    return library.w8a8_linear(x, weight.data, _w_scale(weight, cache), bias, xs, packed, post)
 
 
 def conv2d(

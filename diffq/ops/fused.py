@@ -9,6 +9,7 @@ works (Inductor needs a C++ toolchain), the same functions run eagerly.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _QMIN, _QMAX, _ZP = -128.0, 127.0, 128
@@ -27,13 +28,25 @@ def _u8_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
     return (xf / s).round().clamp(_QMIN, _QMAX).add(_ZP).to(torch.uint8), s
 
 
-def _rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """y [M, N] fp32 times per-row scales, plus bias, in `dtype`: one pass."""
+def _gelu(y: Tensor, post: str) -> Tensor:
+    if not post:
+        return y
+    return F.gelu(y, approximate="tanh" if post == "gelu_tanh" else "none")
+
+
+def _rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
+             post: str) -> Tensor:
+    """post(y [M, N] fp32 times per-row scales, plus bias), in `dtype`: one pass."""
     y = y * row_scale
-    return (y if bias is None else y + bias.float()).to(dtype)
+    return _gelu(y if bias is None else y + bias.float(), post).to(dtype)
 
 
-_EAGER = {"static": _u8_static, "dynamic": _u8_dynamic, "rescale": _rescale}
+def _activation(y: Tensor, post: str) -> Tensor:
+    return _gelu(y.float(), post).to(y.dtype)
+
+
+_EAGER = {"static": _u8_static, "dynamic": _u8_dynamic, "rescale": _rescale,
+          "activation": _activation}
 # Compiled twins, made on first use; a function whose compile fails once stays eager (a fact
 # of this host: no compiler).
 _COMPILED: dict[str, object] = {}
@@ -95,6 +108,14 @@ def u8_dynamic(rows: Tensor) -> tuple[Tensor, Tensor]:
     return _run_rows("dynamic", rows)
 
 
-def rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """y [M, N] fp32 times row_scale [M, 1], plus bias, in `dtype`."""
-    return _run_rows("rescale", y, row_scale, bias, dtype)
+def rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
+            post: str = "") -> Tensor:
+    """post(y [M, N] fp32 times row_scale [M, 1], plus bias), in `dtype`."""
+    return _run_rows("rescale", y, row_scale, bias, dtype, post)
+
+
+def activation(y: Tensor, post: str) -> Tensor:
+    """post(y) computed in fp32 (bf16 tanh-GELU runs eagerly at a fraction of the speed)."""
+    if not post:
+        return y
+    return _run_rows("activation", y.reshape(-1, y.shape[-1]), post).reshape(y.shape)

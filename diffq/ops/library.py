@@ -29,10 +29,21 @@ def _dequant_weight(qweight: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Ten
     return (qweight.float() * w_scale.float().reshape(shape)).to(dtype)
 
 
-def linear_reference(x, qweight, w_scale, bias, x_scale):
+POSTS = ("", "gelu", "gelu_tanh")  # activations a Linear may apply to its own output
+
+
+def apply_post(y: Tensor, post: str) -> Tensor:
+    """The activation `post` (one of POSTS) applied to a Linear's output."""
+    if not post:
+        return y
+    return F.gelu(y, approximate="tanh" if post == "gelu_tanh" else "none")
+
+
+def linear_reference(x, qweight, w_scale, bias, x_scale, post: str = ""):
     """The W8A8 linear in x's dtype: quantize-dequantize x, dequantize W, F.linear."""
     b = None if bias is None else bias.to(x.dtype)
-    return F.linear(_qdq(x, x_scale, [x.shape[-1]], -1), _dequant_weight(qweight, w_scale, x.dtype), b)
+    w = _dequant_weight(qweight, w_scale, x.dtype)
+    return apply_post(F.linear(_qdq(x, x_scale, [x.shape[-1]], -1), w, b), post)
 
 
 def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation, groups):
@@ -44,17 +55,18 @@ def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padd
 
 @torch.library.custom_op("diffq::w8a8_linear", mutates_args=())
 def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
-                x_scale: Tensor, packed: Tensor | None = None) -> Tensor:
-    """y = dq(q(x)) @ dq(W)^T + b; x [..., K], qweight int8 [N, K], w_scale [N], x_scale [1]."""
+                x_scale: Tensor, packed: Tensor | None = None, post: str = "") -> Tensor:
+    """y = post(dq(q(x)) @ dq(W)^T + b); x [..., K], qweight int8 [N, K], w_scale [N], x_scale
+    [1]; `post` an activation of POSTS, fused into the kernel where it can be."""
     # oneDNN here rather than in a "cpu" kernel: the packed weight is an MkldnnCPU tensor, so
     # dispatch would pick this default implementation over a kernel registered for CPU.
     if packed is not None and x.device.type == "cpu":
-        return onednn.linear_packed(x, packed, w_scale, bias, x_scale)
-    return linear_reference(x, qweight, w_scale, bias, x_scale)
+        return onednn.linear_packed(x, packed, w_scale, bias, x_scale, post)
+    return linear_reference(x, qweight, w_scale, bias, x_scale, post)
 
 
 @w8a8_linear.register_fake
-def _w8a8_linear_fake(x, qweight, w_scale, bias, x_scale, packed=None):
+def _w8a8_linear_fake(x, qweight, w_scale, bias, x_scale, packed=None, post=""):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -69,13 +81,13 @@ def _int_mm_fits(a: Tensor, b: Tensor) -> bool:
 
 @torch.library.custom_op("diffq::w8a8_dynamic_linear", mutates_args=())
 def w8a8_dynamic_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None,
-                        packed: Tensor | None = None) -> Tensor:
+                        packed: Tensor | None = None, post: str = "") -> Tensor:
     """y = dq(q(x)) @ dq(W)^T + b with x quantized per token at run time (symmetric int8, the
     reference grid), an int8 x int8 -> int32 GEMM, then both scales: oneDNN's packed int8 GEMM
     when `packed` is given (CPU), else torch._int_mm.
     x [..., K], qweight_t int8 [K, N] (W transposed; contiguous for _int_mm), w_scale [N]."""
     if packed is not None and x.device.type == "cpu":  # see w8a8_linear: MkldnnCPU packs
-        return onednn.linear_packed_dynamic(x, packed, w_scale, bias)
+        return onednn.linear_packed_dynamic(x, packed, w_scale, bias, post)
     k, n = qweight_t.shape
     rows = x.reshape(-1, k)
     codes, s = reference.quantize_act(rows, None, [k])
@@ -85,11 +97,11 @@ def w8a8_dynamic_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Ten
         y = (codes.float() * s.float()) @ _dequant_weight(qweight_t.t(), w_scale, torch.float32).t()
     if bias is not None:
         y = y.add_(bias.float())
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return apply_post(y, post).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 @w8a8_dynamic_linear.register_fake
-def _w8a8_dynamic_linear_fake(x, qweight_t, w_scale, bias, packed=None):
+def _w8a8_dynamic_linear_fake(x, qweight_t, w_scale, bias, packed=None, post=""):
     return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
 
 

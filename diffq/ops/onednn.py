@@ -96,21 +96,28 @@ def _zeros(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int32)
 
 
-def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Tensor) -> Tensor:
+_POST_OPS = {"": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Tensor,
+                  post: str = "") -> Tensor:
+    """The static W8A8 linear; `post` (see library.POSTS) runs as oneDNN's post-op."""
     x_scale = float(x_scale)  # a CPU tensor: reading it costs no device sync
     split = saturates()
     b = None if bias is None or split else bias.float()
     scales = _scales(w_scale)
+    name, algorithm = _POST_OPS["" if split else post]
     y = torch.ops.onednn.qlinear_pointwise(
-        fused.u8_static(x, _scale_tensor(x_scale)), x_scale, _U8_ZP, packed, scales, _zeros(len(scales)),
-        b, 1.0, 0, x.dtype, "none", [], "")
+        fused.u8_static(x, _scale_tensor(x_scale)), x_scale, _U8_ZP, packed, scales,
+        _zeros(len(scales)), b, 1.0, 0, x.dtype, name, [], algorithm)
     if not split:
         return y
     y = _join(y, y.dim() - 1)
-    return y if bias is None else y.add_(bias.to(y.dtype))
+    y = y if bias is None else y.add_(bias.to(y.dtype))
+    return fused.activation(y, post)
 
 
-def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias) -> Tensor:
+def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias, post: str = "") -> Tensor:
     """The W8A8 linear with x quantized per token at run time: codes on the packed int8 GEMM
     with unit input scale, fp32 out, then each row times its own scale (exact: the scale is
     constant along the reduction)."""
@@ -120,7 +127,7 @@ def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias) -> T
     y = torch.ops.onednn.qlinear_pointwise(
         u8, 1.0, _U8_ZP, packed, scales, _zeros(len(scales)), None, 1.0, 0, torch.float32,
         "none", [], "")
-    return fused.rescale(_join(y, 1), s, bias, x.dtype).reshape(*x.shape[:-1], -1)
+    return fused.rescale(_join(y, 1), s, bias, x.dtype, post).reshape(*x.shape[:-1], -1)
 
 
 def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: Tensor,
