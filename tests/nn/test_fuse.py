@@ -12,9 +12,10 @@ from diffq.nn.fuse import LinearAct, fuse_activations, unfuse_activations
 
 def _tiny_sd3():
     torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                 caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8).eval()
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=8).eval()
 
 
 def _calls(n=4):
