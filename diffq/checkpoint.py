@@ -18,6 +18,7 @@ from diffq.core.config import from_dict
 from diffq.core.recipe import ActivationSpec, LayerPlan, Recipe, WeightSpec
 from diffq.errors import CheckpointError, DiffqError
 from diffq.io import writing_directory
+from diffq.nn.adapters import base_state_dict, plain_name
 from diffq.nn.base import QuantizedLayer
 from diffq.nn.convert import convert
 from diffq.nn.runtime import attach_runtime
@@ -74,12 +75,12 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """Name -> the name it shares storage with (tied weights, e.g. T5's embed_tokens / shared),
     for checkpoints that another writer (save_pretrained) deduplicated."""
-    return _dedupe(model.state_dict())[1]
+    return _dedupe(base_state_dict(model))[1]
 
 
 def describe_layers(model: nn.Module) -> dict[str, dict]:
     """Layer name -> scheme and float weight shape of every quantized layer (diffq.json's `layers`)."""
-    layers = {n: {**m.describe(), "shape": list(m.weight_shape)}
+    layers = {plain_name(n): {**m.describe(), "shape": list(m.weight_shape)}
               for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
     if not layers:
         raise CheckpointError("the model has no quantized layers; run diffq.quantize first")
@@ -96,7 +97,7 @@ def tensor_digests(model: nn.Module, known: dict[str, str] | None = None) -> dic
     """State-dict name -> `tensor_digest`, recorded at save time and checked at load; `known`
     digests (just verified, of these very tensors) are reused instead of hashed again."""
     known = known or {}
-    return {n: known.get(n) or tensor_digest(t) for n, t in model.state_dict().items()
+    return {n: known.get(n) or tensor_digest(t) for n, t in base_state_dict(model).items()
             if t.device.type != "meta"}
 
 
@@ -142,7 +143,7 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Pa
     """Write a quantized model to `directory` atomically (safetensors + diffq.json)."""
     directory = Path(directory)
     describe_layers(model)  # refuse an unquantized model before any work
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = _dedupe(base_state_dict(model))
     meta = metadata(model, aliases)
     with writing_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "diffq"})

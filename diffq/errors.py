@@ -19,3 +19,8 @@ class CalibrationError(DiffqError):
 
 class InputError(DiffqError):
     """A path, prompt file or option value is unusable."""
+
+
+class QuantizedWeightError(DiffqError):
+    """Something asked a quantized layer for float weight values it does not hold (e.g. merging
+    a LoRA adapter into it)."""

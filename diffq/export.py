@@ -76,7 +76,8 @@ def compressed_tensors(model: nn.Module, out_dir: str | Path, overwrite: bool = 
         groups.setdefault(_group_key(name, m), []).append(name)
     if not groups:
         raise CheckpointError("the model has no quantized Linear layers; run diffq.quantize first")
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # left in float
+    ignore = [n for n, m in model.named_modules()  # left in float
+              if isinstance(m, nn.Linear) and not isinstance(m, QuantizedLayer)]
     inside = tuple(f"{n}." for n in quantized)
     # float tensors as they are; of a quantized layer only its bias (codes and scales follow)
     tensors = {k: t for k, t in model.state_dict().items()

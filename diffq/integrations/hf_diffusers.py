@@ -9,6 +9,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from diffq.errors import CheckpointError
 from diffq.integrations.hf import QUANT_METHOD, DiffqConfigMixin, finish, prepare
+from diffq.nn.adapters import is_adapter_tensor, plain_name
 from diffq.nn.base import QuantizedLayer
 
 
@@ -78,6 +79,11 @@ class DiffqQuantizer(DiffusersQuantizer):
         self.quantization_config = finish(model, self.quantization_config, self.pre_quantized)
         model.register_to_config(quantization_config=self.quantization_config)
         return model
+
+    def get_state_dict_and_metadata(self, state_dict, safe_serialization: bool = False):
+        # a loaded LoRA adapter is not part of the quantized model: its tensors are left out and
+        # the layers it wraps saved under their own names (the adapter: save_lora_weights)
+        return {plain_name(k): v for k, v in state_dict.items() if not is_adapter_tensor(k)}, {}
 
     @property
     def is_serializable(self) -> bool:

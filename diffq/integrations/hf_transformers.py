@@ -11,6 +11,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from diffq.checkpoint import marker_names, unloadable_markers
 from diffq.integrations.hf import QUANT_METHOD, DiffqConfigMixin, finish, prepare
+from diffq.nn.adapters import base_state_dict
 
 
 def _ignore_markers(model: nn.Module, layers: dict) -> None:
@@ -55,7 +56,7 @@ class DiffqHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        return {**model.state_dict(), **unloadable_markers(model)}, {}
+        return {**base_state_dict(model), **unloadable_markers(model)}, {}
 
     def is_serializable(self) -> bool:
         return True

@@ -8,6 +8,7 @@ from diffq import ops
 from diffq.core.config import to_dict
 from diffq.core.recipe import ActivationSpec, WeightSpec
 from diffq.core.weights import QuantizedWeight, quantize_weight
+from diffq.errors import QuantizedWeightError
 from diffq.nn.activation import ActivationQuantizer
 
 # Buffers whose dtype is the storage format itself: model.to(dtype) must move, never cast them
@@ -15,11 +16,53 @@ from diffq.nn.activation import ActivationQuantizer
 _STORAGE = ("qweight", "weight_scale", "weight_zero_point", "input_scale")
 
 
+class FloatWeightStandIn(torch.Tensor):
+    """The shape, dtype and device of a quantized layer's float weight, with no values: weight
+    init does nothing to it, and any other operation but reading those (merging a LoRA adapter
+    into the layer, `fuse_lora`, or reading the weight's numbers) raises QuantizedWeightError
+    in one line."""
+
+    _layer = ""
+    _READS = frozenset({torch.Tensor.dim, torch.Tensor.size, torch.Tensor.shape.__get__,
+                        torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
+                        torch.Tensor.numel, torch.Tensor.is_floating_point, torch.Tensor.__repr__})
+
+    @staticmethod
+    def of(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, layer: str) -> torch.Tensor:
+        t = torch.zeros((), dtype=dtype, device=device).expand(shape)  # no storage of that size
+        t = torch.Tensor._make_subclass(FloatWeightStandIn, t)
+        t._layer = layer
+        return t
+
+    # weight init of a loaded model (transformers' _init_weights draws into every Linear's
+    # weight before the checkpoint's tensors arrive) has nothing to initialize here
+    # (matched by name: transformers swaps torch.nn.init's functions for its own while it inits)
+    _INITS = frozenset({"normal_", "uniform_", "zero_", "zeros_", "ones_", "fill_", "constant_",
+                        "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+                        "kaiming_normal_", "orthogonal_"})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func == torch.Tensor.data.__get__ or getattr(func, "__name__", None) in cls._INITS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        if func in cls._READS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        layer = next((a._layer for a in args if isinstance(a, cls)), "quantized")
+        raise QuantizedWeightError(
+            f"a diffq {layer} layer stores its weight quantized: it has no float weight values to "
+            "compute with, so merging a LoRA adapter into it (fuse_lora) is not supported; keep "
+            "the adapter unfused (the default), or load it on the float model before quantizing")
+
+
 class QuantizedLayer(nn.Module):
     """Holds a `QuantizedWeight` as buffers (qweight, weight_scale[, weight_zero_point]),
     a float bias, and an optional `input_quant` (ActivationQuantizer)."""
 
     feature_axis = -1
+    # transformers' weight init skips modules marked initialized; a quantized layer's tensors
+    # come from quantization or its checkpoint, never from init (its float weight is a stand-in)
+    _is_hf_initialized = True
 
     def _init_quantized(
         self,
@@ -45,6 +88,15 @@ class QuantizedLayer(nn.Module):
         )
         if input_scale is not None:  # AWQ / SmoothQuant: x * input_scale before quantizing x
             self.register_buffer("input_scale", input_scale.detach().float().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """What libraries that wrap Linear / Conv2d layers read of the float weight (its shape,
+        dtype and device: PEFT's LoRA sizes and places its adapter by it), holding nothing;
+        computing with it raises `QuantizedWeightError` (see `FloatWeightStandIn`)."""
+        dtype = torch.float32 if self.bias is None else self.bias.dtype
+        return FloatWeightStandIn.of(tuple(self.weight_shape), dtype, self.qweight.device,
+                                     type(self).__name__)
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor:
         """x times the per-input-channel `input_scale` (when the layer has one), in float32 so

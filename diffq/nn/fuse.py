@@ -16,22 +16,39 @@ from collections.abc import Callable
 from torch import nn
 
 from diffq.nn.qlinear import QLinear
+from diffq.ops import fused, library
 
 
 class LinearAct(nn.Module):
     """proj with its activation fused (`proj.post`); the original module is kept to undo."""
 
-    def __init__(self, original: nn.Module, proj: QLinear, post: str):
+    def __init__(self, original: nn.Module, child: str, post: str):
         super().__init__()
-        self.proj = proj
+        self.proj = getattr(original, child)
         self.proj.post = post
+        self.child = child
         self.__dict__["original"] = original  # not a child: no second copy in the state dict
 
     def forward(self, x):
-        return self.proj(x)
+        if type(self.proj) is QLinear:
+            return self.proj(x)
+        # an adapter wraps proj (PEFT's LoRA): its delta belongs before the activation, so the
+        # wrapped layer runs without its post-op and the activation follows the sum
+        base = _base(self.proj)
+        post, base.post = base.post, ""
+        try:
+            y = self.proj(x)
+        finally:
+            base.post = post
+        return fused.activation(y, post) if y.device.type == "cpu" else library.apply_post(y, post)
 
     def extra_repr(self) -> str:
         return f"post={self.proj.post!r} (fused from {type(self.original).__name__})"
+
+
+def _base(proj: nn.Module) -> QLinear:
+    """The QLinear itself, or the one an adapter wrapper (PEFT) holds."""
+    return proj if type(proj) is QLinear else proj.get_base_layer()
 
 
 def _diffusers_gelu(m: nn.Module) -> str | None:
@@ -62,16 +79,18 @@ def fuse_activations(model: nn.Module) -> list[str]:
         if type(proj) is QLinear and post is not None:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, LinearAct(m, proj, post))
+            setattr(parent, leaf, LinearAct(m, child, post))
             swapped.append(name)
     return swapped
 
 
 def unfuse_activations(model: nn.Module) -> None:
-    """Put the original modules back (their proj is the same QLinear, post cleared)."""
+    """Put the original modules back (their proj is the same QLinear, post cleared, still
+    wrapped by any adapter loaded meanwhile)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LinearAct):
-            m.proj.post = ""
+            _base(m.proj).post = ""
+            setattr(m.original, m.child, m.proj)  # with whatever wraps it now (an adapter)
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, m.original)

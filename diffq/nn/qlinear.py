@@ -10,15 +10,20 @@ from diffq.core.weights import QuantizedWeight
 from diffq.nn.base import QuantizedLayer
 
 
-class QLinear(QuantizedLayer):
-    """Linear layer with real low-bit weight storage; forward dispatches to `diffq.ops.linear`."""
+class QLinear(QuantizedLayer, nn.Linear):
+    """Linear layer with real low-bit weight storage; forward dispatches to `diffq.ops.linear`.
+
+    An `nn.Linear` to the libraries that wrap Linear layers (PEFT's LoRA: the adapter runs as
+    a float side branch on the layer's input while this layer keeps its int8 / int4 path), but
+    with no float `weight`: reading it raises AttributeError saying so (so merging an adapter
+    into it, `fuse_lora`, is refused in one line)."""
 
     feature_axis = -1
 
     def __init__(self, linear: nn.Linear, weights: WeightSpec, activations: ActivationSpec | None,
                  segments: list[int] | None = None, empty: bool = False,
                  qweight: QuantizedWeight | None = None, input_scale: torch.Tensor | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
         qw = self._quantize_or_shape(linear.weight, weights, empty, qweight)
         self._init_quantized(weights, qw, linear.bias, activations, segments or [linear.in_features],

@@ -21,8 +21,12 @@ from diffq.ops import fused
 _U8_ZP = 128
 
 
+# a fact of this torch build, read once: torch.compile cannot trace mkldnn.is_available()
+_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+    return _AVAILABLE
 
 
 _SATURATES: list[bool] = []  # the answer, once measured (a fact of this host, never changes)

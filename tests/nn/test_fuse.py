@@ -1,6 +1,8 @@
 """A quantized Linear runs the GELU of diffusers' `GELU` feed-forward input in its kernel's
 epilogue (oneDNN post-op, or the compiled rescale of dynamic layers): same outputs as the
 unfused model, no eager gelu left, state dict unchanged, fused again after save -> load."""
+import copy
+
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
@@ -66,3 +68,30 @@ def test_fused_model_saves_and_loads_fused(tmp_path):
     back = diffq.load(tmp_path / "q", _tiny_sd3())
     assert sum(isinstance(m, LinearAct) for m in back.modules()) == 3
     assert torch.equal(_out(back, calls[2]), _out(q, calls[2]))
+
+
+def test_an_adapter_on_the_fused_projection_adds_before_the_activation():
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    calls, fp = _calls(), _tiny_sd3()
+    adapted = copy.deepcopy(fp)
+    adapted.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["ff.net.0.proj", "to_q"],
+                                   init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora = get_peft_model_state_dict(adapted)
+    q = diffq.quantize(fp, "w8a8", calibration=calls)
+    before = _out(q, calls[1])
+    q.load_lora_adapter(lora, adapter_name="a", prefix=None)
+    fused = q.transformer_blocks[0].ff.net[0]
+    assert isinstance(fused, LinearAct) and type(fused.proj).__name__ == "Linear"  # PEFT's wrapper
+    y_fused = _out(q, calls[1])
+    assert float((y_fused - before).norm() / before.norm()) > 1e-3  # the adapter acts
+    unfuse_activations(q)  # diffusers' GELU again: gelu(proj(x) + lora(x)) the textbook way
+    assert q.transformer_blocks[0].ff.net[0].proj.get_base_layer().post == ""
+    y_plain = _out(q, calls[1])
+    assert float((y_fused - y_plain).norm() / y_plain.norm()) < 1e-4
