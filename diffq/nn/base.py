@@ -161,5 +161,10 @@ class QuantizedLayer(nn.Module):
 def layer_kernels(model: nn.Module) -> dict[str, str]:
     """Layer name -> the compute its calls take on CPU (see `diffq.ops.kernel_of`)."""
     return {n: ops.kernel_of(m.weight_layout, None if m.input_quant is None else m.input_quant.spec,
-                             conv=m.feature_axis == 1)
+                             conv=m.feature_axis == 1, pointwise=_pointwise(m))
             for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def _pointwise(m: QuantizedLayer) -> bool:
+    return (m.feature_axis == 1 and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)
+            and tuple(m.padding) == (0, 0) and tuple(m.dilation) == (1, 1) and m.groups == 1)

@@ -10,6 +10,8 @@ weight-only packed kernels. Every other scheme (dynamic Conv2d included) runs th
 reference, which dequantizes and runs the float op."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from diffq.core.weights import QuantizedWeight
@@ -53,6 +55,19 @@ def _w8a8_dynamic(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor
             and _int8_per_channel(weight.layout))
 
 
+def _pointwise(weight: QuantizedWeight, stride, padding, dilation, groups: int) -> bool:
+    """A 1x1 convolution with unit stride and no padding: a Linear over the pixels."""
+    return (len(weight.shape) == 4 and tuple(weight.shape[2:]) == (1, 1) and groups == 1
+            and tuple(stride) == (1, 1) and not isinstance(padding, str) and tuple(padding) == (0, 0)
+            and tuple(dilation) == (1, 1))
+
+
+def _w8a8_dynamic_rows(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
+    """Dynamic per-pixel int8 activations (scales along the channel axis) on an image batch."""
+    return (act is not None and act.dynamic and act.feature_axis in (1, -3) and x.dim() == 4
+            and _w8a8_dynamic(weight, replace(act, feature_axis=-1), x.movedim(1, -1), backend))
+
+
 def _w_t(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
     """The int8 weight transposed to [K, N], contiguous (torch._int_mm's right operand), cached."""
     # explicit row-major strides: .t().contiguous() of a [N, 1] weight keeps strides (1, 1),
@@ -62,16 +77,17 @@ def _w_t(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
     ).copy_(weight.data.t()))
 
 
-def kernel_of(layout, act, conv: bool, device: str = "cpu") -> str:
+def kernel_of(layout, act, conv: bool, device: str = "cpu", pointwise: bool = False) -> str:
     """The compute a layer with weight `layout` and activation spec `act` (None: weight-only)
-    runs on `device` for float inputs of many rows: what the report lists per layer. A
-    "simulated" entry is fake-quant: its activations are rounded to int8 and computed in float."""
+    runs on `device` for float inputs of many rows: what the report lists per layer (`pointwise`:
+    a 1x1 convolution, which dynamic activations run as a Linear over pixels). A "simulated"
+    entry is fake-quant: its activations are rounded to int8 and computed in float."""
     if act is not None and act.format == "int8" and act.symmetric and _int8_per_channel(layout):
         if act.mode == "static":
             if device == "cuda":
                 return "Triton int8"
             return "oneDNN int8" if onednn.available() else "reference (int8 activations simulated)"
-        if not conv:
+        if not conv or pointwise:
             return "oneDNN int8 (dynamic)" if onednn.available() else "int8 GEMM (torch._int_mm)"
     if act is None:
         if device == "cuda" and layout.format == "int4" and layout.group_size is not None:
@@ -196,6 +212,14 @@ def conv2d(
     backend: str = "auto",
 ) -> torch.Tensor:
     """2-D convolution of x [N, C, H, W] with a quantized weight [O, C/groups, kh, kw]."""
+    if _pointwise(weight, stride, padding, dilation, groups) and _w8a8_dynamic_rows(weight, act, x, backend):
+        # per-pixel dynamic scales factor out of a 1x1 convolution: it is a Linear over pixels
+        n, c, h, w = x.shape
+        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        flat = QuantizedWeight(weight.data.reshape(weight.shape[0], c), weight.scale, weight.zero_point,
+                               weight.layout, (weight.shape[0], c))
+        y = linear(rows, flat, bias, replace(act, feature_axis=-1), cache, backend)
+        return y.permute(0, 3, 1, 2)
     if not _w8a8(weight, act, x, backend) or isinstance(padding, str):
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])

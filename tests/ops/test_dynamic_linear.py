@@ -50,3 +50,28 @@ def test_dynamic_linear_op_schema(gen):
     args = (x, w_t, torch.rand(16, generator=gen) * 0.01 + 1e-3, torch.randn(16, generator=gen))
     torch.library.opcheck(torch.ops.diffq.w8a8_dynamic_linear.default, args)
     assert library.w8a8_dynamic_linear(*args).shape == (3, 5, 16)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_pointwise_conv_with_dynamic_pixels_runs_the_int8_gemm(dtype, tol, gen):
+    from diffq.nn import QConv2d
+    from diffq.nn.base import layer_kernels
+
+    if not onednn.available():
+        pytest.skip("no oneDNN int8 kernels")
+    x = torch.randn(2, 16, 6, 5, generator=gen)
+    x[:, 3] *= 40  # an outlier channel: per-pixel scales
+    layer = QConv2d(nn.Conv2d(16, 8, 1), WeightSpec("int8", "per_channel", clip="mse"), DYNAMIC).to(dtype)
+    kxk = QConv2d(nn.Conv2d(16, 8, 3, padding=1), WeightSpec("int8", "per_channel"), DYNAMIC)
+    out = {}
+    with torch.no_grad():
+        set_backend(layer, "reference")
+        out["ref"] = layer(x.to(dtype))
+        set_backend(layer, "auto")
+        ops = _ran(lambda: out.__setitem__("fast", layer(x.to(dtype))))
+    assert "onednn::qlinear_pointwise" in ops
+    ref, fast = out["ref"], out["fast"]
+    assert fast.shape == ref.shape == (2, 8, 6, 5) and fast.dtype == dtype
+    assert float((fast.float() - ref.float()).norm() / ref.float().norm()) < tol
+    kinds = layer_kernels(nn.ModuleDict({"pw": layer, "kxk": kxk}))
+    assert kinds == {"pw": "oneDNN int8 (dynamic)", "kxk": "reference (int8 activations simulated)"}
