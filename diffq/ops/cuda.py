@@ -29,12 +29,12 @@ def triton_available() -> bool:
 
 
 @library.w8a8_linear.register_kernel("cuda")
-def _w8a8_linear_cuda(x, qweight, w_scale, bias, x_scale, packed=None):
+def _w8a8_linear_cuda(x, qweight, w_scale, bias, x_scale, packed=None, post=""):
     if not triton_available():
-        return library.linear_reference(x, qweight, w_scale, bias, x_scale)
+        return library.linear_reference(x, qweight, w_scale, bias, x_scale, post)
     from diffq.kernels import w8a8_gemm
 
-    return w8a8_gemm.w8a8_linear(x, qweight, w_scale, bias, x_scale)
+    return library.apply_post(w8a8_gemm.w8a8_linear(x, qweight, w_scale, bias, x_scale), post)
 
 
 @library.w8a8_conv2d.register_kernel("cuda")

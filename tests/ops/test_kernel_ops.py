@@ -76,3 +76,18 @@ def test_kernel_of_names_the_real_kernels_and_the_simulated_schemes():
     assert kernel_of(w4, static, conv=False) == "reference (int8 activations simulated)"
     assert kernel_of(w4, None, conv=False) == "weight-only: dequantize + float"
     assert kernel_of(w4, None, conv=False, device="cuda") == "Triton w4a16"
+
+
+def test_cuda_kernels_take_every_argument_of_their_op():
+    """A CUDA kernel is called with the op's full argument list: a schema change that a kernel
+    misses would only fail on a GPU."""
+    import inspect
+
+    from diffq.ops import cuda
+
+    pairs = {"w8a8_linear": cuda._w8a8_linear_cuda, "w8a8_conv2d": cuda._w8a8_conv2d_cuda,
+             "w4a16_linear": cuda._w4a16_linear_cuda, "int8_attention": cuda._int8_attention_cuda,
+             "quantize_act": cuda._quantize_act_cuda}
+    for op, kernel in pairs.items():
+        schema = getattr(torch.ops.diffq, op).default._schema
+        assert list(inspect.signature(kernel).parameters) == [a.name for a in schema.arguments], op
