@@ -46,12 +46,21 @@ class ActivationQuantizer(nn.Module):
         if k == 1:
             return 0
         t = None if self.clock is None else self.clock.value
+        if t is None and self.clock is not None and self.clock.tensor is not None:
+            t = float(self.clock.tensor)  # set by a compiled call; this layer runs eagerly
         if t is None:
             raise CalibrationError(
                 f"layer {self.name!r} has {k} timestep groups but no timestep reached it; call "
                 "the quantized model itself (its pre-hook reads the timestep) or pass timestep_of"
             )
         return bisect.bisect_right(self._host_boundaries(), t)
+
+    def _traced_group(self) -> int | torch.Tensor:
+        """The group index as a tensor op on the clock's timestep tensor (torch.compile)."""
+        t = None if self.clock is None else self.clock.tensor
+        if self.scale.shape[0] == 1 or t is None:
+            return self.group_index()
+        return torch.searchsorted(self.boundaries, t.to(self.boundaries.dtype), right=True)[0]
 
     def _host_boundaries(self) -> list[float]:
         """The boundaries as Python floats, read from the device once per table (not per call)."""
@@ -64,13 +73,16 @@ class ActivationQuantizer(nn.Module):
         fmt = get_format(self.spec.format)
         if self.spec.mode == "dynamic":
             return ActQuant(fmt, self.feature_axis, dynamic=True)
-        g = self.group_index()
-        scale, zp = self.scale[g], getattr(self, "zero_point", None)
-        zp = None if zp is None else zp[g]
-        if len(self.segments) > 1:
-            sizes = torch.tensor(self.segments, device=scale.device)
-            scale = scale.repeat_interleave(sizes)
-            zp = None if zp is None else zp.repeat_interleave(sizes)
+        g = self._traced_group() if torch.compiler.is_compiling() else self.group_index()
+        pick = (lambda table: table[g]) if isinstance(g, int) else (
+            lambda table: table.index_select(0, g.reshape(1))[0])  # no host read under compile
+        scale, zp = pick(self.scale), getattr(self, "zero_point", None)
+        zp = None if zp is None else pick(zp)
+        if len(self.segments) > 1:  # per channel; sizes as Python ints keep the shape static
+            def spread(v):
+                return torch.cat([v[i:i + 1].expand(n) for i, n in enumerate(self.segments)])
+            scale = spread(scale)
+            zp = None if zp is None else spread(zp)
         return ActQuant(fmt, self.feature_axis, scale=scale, zero_point=zp,
                         segments=tuple(self.segments))
 

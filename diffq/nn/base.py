@@ -10,6 +10,7 @@ from diffq.core.recipe import ActivationSpec, WeightSpec
 from diffq.core.weights import QuantizedWeight, quantize_weight
 from diffq.errors import QuantizedWeightError
 from diffq.nn.activation import ActivationQuantizer
+from diffq.ops.kernels import Kernels
 
 # Buffers whose dtype is the storage format itself: model.to(dtype) must move, never cast them
 # (input_scale stays float32: it must match the factor the stored weight was multiplied by).
@@ -77,7 +78,7 @@ class QuantizedLayer(nn.Module):
         self.weight_layout = qw.layout
         self.weight_shape = qw.shape
         self.backend = "auto"  # "reference" forces the dequantize-and-float path
-        self.kernel_cache: dict = {}  # prepacked weights of fast backends; rebuilt on demand
+        self.kernel_cache = Kernels()  # prepacked weights of fast backends; rebuilt on demand
         self.register_buffer("qweight", qw.data)
         self.register_buffer("weight_scale", qw.scale)
         if qw.zero_point is not None:

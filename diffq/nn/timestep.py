@@ -19,6 +19,9 @@ class TimestepClock:
 
     def __init__(self) -> None:
         self.value: float | None = None
+        # under torch.compile: the timestep as a 1-element fp32 tensor (reading it as a float
+        # would break the graph and specialize it on every timestep)
+        self.tensor: torch.Tensor | None = None
         self.held_back = False  # the call in progress is kept out of calibration statistics
 
 
@@ -48,7 +51,11 @@ class _ClockHook:
         self.clock, self.timestep_of = clock, timestep_of
 
     def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.clock.value = timestep_value(self.timestep_of(args, kwargs))
+        t = self.timestep_of(args, kwargs)
+        if torch.compiler.is_compiling() and isinstance(t, torch.Tensor) and t.numel():
+            self.clock.value, self.clock.tensor = None, t.detach().reshape(-1)[:1].float()
+        else:
+            self.clock.value, self.clock.tensor = timestep_value(t), None
 
 
 def install_clock(model: nn.Module, clock: TimestepClock, timestep_of: TimestepOf | None = None):

@@ -17,6 +17,7 @@ import torch
 from diffq.core.weights import QuantizedWeight
 from diffq.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels; no triton import)
 from diffq.ops import fused, library, onednn, reference
+from diffq.ops.kernels import Kernels
 from diffq.ops.types import ActQuant
 
 __all__ = ["ActQuant", "BACKENDS", "linear", "conv2d", "quantize_activation", "kernel_of"]
@@ -30,13 +31,12 @@ def _int8_per_channel(layout) -> bool:
     return layout.format == "int8" and layout.symmetric and layout.group_size is None
 
 
-def _cached(cache: dict | None, key: tuple, make):
-    """`make()`, kept in the calling module's kernel cache under `key` when it has one."""
-    if cache is None:
+def _cached(cache: Kernels | None, key: tuple, make):
+    """`make()`, kept in the calling module's kernel store under `key` when it has one (not
+    while torch.compile traces: the store is opaque there, and only the ops read it)."""
+    if cache is None or torch.compiler.is_compiling():
         return make()
-    if key not in cache:
-        cache[key] = make()
-    return cache[key]
+    return cache.get(key, make)
 
 
 def _w8a8(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
@@ -68,15 +68,6 @@ def _w8a8_dynamic_rows(weight: QuantizedWeight, act: ActQuant | None, x: torch.T
             and _w8a8_dynamic(weight, replace(act, feature_axis=-1), x.movedim(1, -1), backend))
 
 
-def _w_t(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
-    """The int8 weight transposed to [K, N], contiguous (torch._int_mm's right operand), cached."""
-    # explicit row-major strides: .t().contiguous() of a [N, 1] weight keeps strides (1, 1),
-    # which torch._int_mm on CPU misreads
-    return _cached(cache, ("w_t", weight.data.data_ptr()), lambda: torch.empty(
-        weight.shape[1], weight.shape[0], dtype=weight.data.dtype, device=weight.data.device
-    ).copy_(weight.data.t()))
-
-
 def kernel_of(layout, act, conv: bool, device: str = "cpu", pointwise: bool = False) -> str:
     """The compute a layer with weight `layout` and activation spec `act` (None: weight-only)
     runs on `device` for float inputs of many rows: what the report lists per layer (`pointwise`:
@@ -106,15 +97,21 @@ def _segment_scales(act: ActQuant, channels: int) -> tuple[torch.Tensor, list[in
     return scale[starts], segments
 
 
-def _w_scale(weight: QuantizedWeight, cache: dict | None, dtype=torch.float32) -> torch.Tensor:
-    """Weight scales as a contiguous [out] vector, kept in the module's cache when it has one."""
+def _w_scale(weight: QuantizedWeight, cache: Kernels | None, dtype=torch.float32) -> torch.Tensor:
+    """Weight scales as a contiguous [out] vector, kept in the module's cache (decode kernels)."""
     return _cached(cache, ("w_scale", weight.scale.data_ptr(), dtype),
                    lambda: weight.scale.reshape(-1).expand(weight.shape[0]).to(dtype).contiguous())
 
 
-def _fast(x: torch.Tensor, cache: dict | None, backend: str) -> bool:
-    return (backend == "auto" and cache is not None and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) and onednn.available())
+def _store(cache: Kernels | None, backend: str) -> tuple[Kernels, bool]:
+    """(the layer's pack store, whether the ops may use their fast kernels): a call without a
+    store (a bare functional call) runs the reference and keeps nothing."""
+    return (Kernels(), False) if cache is None else (cache, backend == "auto")
+
+
+def _scale_vector(weight: QuantizedWeight) -> torch.Tensor:
+    """Weight scales as an fp32 [out] vector (per call: plain tensor ops torch.compile traces)."""
+    return weight.scale.reshape(-1).float().expand(weight.shape[0]).contiguous()
 
 
 # Weight-only int8 / int4 kernels beat bf16 F.linear only for a handful of rows (LLM decode;
@@ -125,20 +122,26 @@ def _fast(x: torch.Tensor, cache: dict | None, backend: str) -> bool:
 _DECODE_MAX_ROWS = 128
 
 
+def _decode_kernels(backend: str) -> bool:
+    # not under torch.compile: Inductor cannot lower these ops on a fused input (LoweringException
+    # for aten._weight_int8pack_mm), and it compiles the dequantized float matmul well
+    return backend == "auto" and not torch.compiler.is_compiling()
+
+
 def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
-    return (backend == "auto" and act is None and x.device.type == "cpu"
+    return (_decode_kernels(backend) and act is None and x.device.type == "cpu"
             and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
             and _int8_per_channel(weight.layout))
 
 
 def _w4_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
-    return (backend == "auto" and act is None and x.device.type == "cpu"
+    return (_decode_kernels(backend) and act is None and x.device.type == "cpu"
             and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
             and weight.layout.format == "int4" and weight.layout.group_size in (32, 64, 128, 256)
             and weight.shape[0] % 16 == 0)  # kernel limits
 
 
-def _int4_pack(weight: QuantizedWeight, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_pack(weight: QuantizedWeight, cache: Kernels | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tinygemm-packed codes, scales_and_zeros [K/g, O, 2] bf16) for torch's int4 CPU kernel,
     which computes w = (u - 8) * scale + zero from unsigned codes u = q + 8."""
     def make():
@@ -156,10 +159,6 @@ def _w4a16(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backe
             and weight.layout.format == "int4" and weight.layout.group_size is not None)
 
 
-def _packed_linear(weight: QuantizedWeight, cache: dict | None) -> torch.Tensor:
-    return _cached(cache, ("linear", weight.data.data_ptr()), lambda: onednn.pack_linear(weight.data))
-
-
 def _then(y: torch.Tensor, post: str) -> torch.Tensor:
     """`post` applied after a kernel that cannot fuse it (on CPU in one compiled fp32 pass)."""
     return fused.activation(y, post) if y.device.type == "cpu" else library.apply_post(y, post)
@@ -167,7 +166,7 @@ def _then(y: torch.Tensor, post: str) -> torch.Tensor:
 
 def linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None,
-    cache: dict | None = None, backend: str = "auto", post: str = "",
+    cache: Kernels | None = None, backend: str = "auto", post: str = "",
 ) -> torch.Tensor:
     """y = post(x @ W^T + b) with W quantized and, when `act` is given, x quantized. x: [..., K].
     `cache` is the calling module's store for prepacked weights; `post` an activation of
@@ -186,17 +185,14 @@ def linear(
     if _w4a16(x, weight, act, backend):
         return _then(library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point, bias,
                                           weight.layout.group_size), post)
+    kernels, fast = _store(cache, backend)
     if _w8a8_dynamic(weight, act, x, backend):
-        if _fast(x, cache, backend):  # oneDNN's packed GEMM: 1.3-2.5x torch._int_mm here
-            return library.w8a8_dynamic_linear(x, weight.data.t(), _w_scale(weight, cache), bias,
-                                               _packed_linear(weight, cache), post)
-        return library.w8a8_dynamic_linear(x, _w_t(weight, cache), _w_scale(weight, cache), bias,
-                                           None, post)
+        return library.w8a8_dynamic_linear(x, weight.data, _scale_vector(weight), bias, kernels, fast,
+                                           post)
     if not _w8a8(weight, act, x, backend):
         return _then(reference.linear(x, weight, bias, act), post)
     xs, _ = _segment_scales(act, x.shape[-1])
-    packed = _packed_linear(weight, cache) if _fast(x, cache, backend) else None
-    return library.w8a8_linear(x, weight.data, _w_scale(weight, cache), bias, xs, packed, post)
+    return library.w8a8_linear(x, weight.data, _scale_vector(weight), bias, xs, kernels, fast, post)
 
 
 def conv2d(
@@ -208,7 +204,7 @@ def conv2d(
     padding: tuple[int, int] | str,
     dilation: tuple[int, int],
     groups: int,
-    cache: dict | None = None,
+    cache: Kernels | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """2-D convolution of x [N, C, H, W] with a quantized weight [O, C/groups, kh, kw]."""
@@ -223,17 +219,7 @@ def conv2d(
     if not _w8a8(weight, act, x, backend) or isinstance(padding, str):
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])
-    w4 = weight.data.reshape(weight.shape)
-    w_scale = _w_scale(weight, cache)
-    packs: list = []
-    if _fast(x, cache, backend) and onednn.can_pack_conv(padding, groups, segments):
-        # oneDNN takes x_scale at packing time; packs are keyed by segment layout only since
-        # the kernel call passes the scale again (checked against the reference in tests).
-        packs = _cached(cache, ("conv", tuple(segments), weight.data.data_ptr()), lambda: onednn.pack_conv(
-            w4, w_scale, scales.tolist(), segments, stride, padding, dilation, groups))
-    elif x.device.type == "cuda" and cache is not None and groups == 1:
-        # the Triton kernel's NHWC weight layout
-        packs = [_cached(cache, ("conv_ohwi", weight.data.data_ptr()),
-                         lambda: w4.permute(0, 2, 3, 1).contiguous())]
-    return library.w8a8_conv2d(x, w4, w_scale, bias, scales, segments, list(stride),
-                               list(padding), list(dilation), groups, packs)
+    kernels, fast = _store(cache, backend)
+    return library.w8a8_conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight), bias,
+                               scales, segments, list(stride), list(padding), list(dilation), groups,
+                               kernels, fast)

@@ -29,7 +29,7 @@ def triton_available() -> bool:
 
 
 @library.w8a8_linear.register_kernel("cuda")
-def _w8a8_linear_cuda(x, qweight, w_scale, bias, x_scale, packed=None, post=""):
+def _w8a8_linear_cuda(x, qweight, w_scale, bias, x_scale, kernels, fast=False, post=""):
     if not triton_available():
         return library.linear_reference(x, qweight, w_scale, bias, x_scale, post)
     from diffq.kernels import w8a8_gemm
@@ -39,13 +39,15 @@ def _w8a8_linear_cuda(x, qweight, w_scale, bias, x_scale, packed=None, post=""):
 
 @library.w8a8_conv2d.register_kernel("cuda")
 def _w8a8_conv2d_cuda(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation,
-                      groups, packed):
+                      groups, kernels, fast=False):
     if groups != 1 or not triton_available():
         return library.conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride,
                                         padding, dilation, groups)
     from diffq.kernels import int8_conv
 
-    w_ohwi = packed[0] if packed else qweight.permute(0, 2, 3, 1).contiguous()
+    def ohwi():  # the kernel's NHWC weight layout
+        return qweight.permute(0, 2, 3, 1).contiguous()
+    w_ohwi = kernels.get(("conv_ohwi", qweight.data_ptr()), ohwi) if fast else ohwi()
     return int8_conv.w8a8_conv2d(x, w_ohwi, w_scale, bias, x_scales, segments, stride, padding, dilation)
 
 

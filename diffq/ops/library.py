@@ -1,7 +1,9 @@
 """Quantized compute as `torch.library` custom ops: one schema, a pure-torch default
 implementation (any device; what CPU runs unless noted), a fake implementation so
 `torch.compile` can trace through quantized models, and device kernels: oneDNN int8 on CPU
-for the W8A8 ops when a prepacked weight is passed (here), Triton on CUDA (`diffq.ops.cuda`).
+for the W8A8 ops, packed into the layer's `Kernels` store (here), Triton on CUDA
+(`diffq.ops.cuda`). oneDNN runs in the default implementation rather than a "cpu" kernel so
+that the packs never cross the dispatcher as tensors (see `diffq.ops.kernels`).
 
 Static per-tensor activation scales are passed as fp32 tensors on x's device, one per channel
 segment (`x_scales` [S], `segments`): a UNet layer that consumes cat(h, skip) quantizes each
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffq.ops import onednn, reference
+from diffq.ops.kernels import Kernels
 
 
 def _qdq(x: Tensor, scales: Tensor, segments: list[int], axis: int) -> Tensor:
@@ -53,20 +56,29 @@ def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padd
                     stride, padding, dilation, groups)
 
 
+def _cpu_int8(x: Tensor, fast: bool) -> bool:
+    """Whether this call runs oneDNN's int8 kernels (packed into the layer's `kernels`)."""
+    return (fast and x.device.type == "cpu" and onednn.available()
+            and x.dtype in (torch.float32, torch.bfloat16))
+
+
+def _linear_pack(qweight: Tensor, kernels: Kernels) -> Tensor:
+    return kernels.get(("linear", qweight.data_ptr()), lambda: onednn.pack_linear(qweight))
+
+
 @torch.library.custom_op("diffq::w8a8_linear", mutates_args=())
 def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
-                x_scale: Tensor, packed: Tensor | None = None, post: str = "") -> Tensor:
+                x_scale: Tensor, kernels: Kernels, fast: bool = False, post: str = "") -> Tensor:
     """y = post(dq(q(x)) @ dq(W)^T + b); x [..., K], qweight int8 [N, K], w_scale [N], x_scale
-    [1]; `post` an activation of POSTS, fused into the kernel where it can be."""
-    # oneDNN here rather than in a "cpu" kernel: the packed weight is an MkldnnCPU tensor, so
-    # dispatch would pick this default implementation over a kernel registered for CPU.
-    if packed is not None and x.device.type == "cpu":
-        return onednn.linear_packed(x, packed, w_scale, bias, x_scale, post)
+    [1]; `kernels` the layer's pack store, used when `fast` (else the reference); `post` an
+    activation of POSTS, fused into the kernel where it can be."""
+    if _cpu_int8(x, fast):
+        return onednn.linear_packed(x, _linear_pack(qweight, kernels), w_scale, bias, x_scale, post)
     return linear_reference(x, qweight, w_scale, bias, x_scale, post)
 
 
 @w8a8_linear.register_fake
-def _w8a8_linear_fake(x, qweight, w_scale, bias, x_scale, packed=None, post=""):
+def _w8a8_linear_fake(x, qweight, w_scale, bias, x_scale, kernels, fast=False, post=""):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -79,41 +91,51 @@ def _int_mm_fits(a: Tensor, b: Tensor) -> bool:
     return a.device.type == "cpu" or (a.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0)
 
 
+def _transposed(qweight: Tensor) -> Tensor:
+    """W [N, K] as [K, N] with explicit row-major strides (torch._int_mm's right operand;
+    .t().contiguous() of a [N, 1] weight keeps strides (1, 1), which _int_mm misreads)."""
+    return torch.empty(qweight.shape[1], qweight.shape[0], dtype=qweight.dtype,
+                       device=qweight.device).copy_(qweight.t())
+
+
 @torch.library.custom_op("diffq::w8a8_dynamic_linear", mutates_args=())
-def w8a8_dynamic_linear(x: Tensor, qweight_t: Tensor, w_scale: Tensor, bias: Tensor | None,
-                        packed: Tensor | None = None, post: str = "") -> Tensor:
-    """y = dq(q(x)) @ dq(W)^T + b with x quantized per token at run time (symmetric int8, the
-    reference grid), an int8 x int8 -> int32 GEMM, then both scales: oneDNN's packed int8 GEMM
-    when `packed` is given (CPU), else torch._int_mm.
-    x [..., K], qweight_t int8 [K, N] (W transposed; contiguous for _int_mm), w_scale [N]."""
-    if packed is not None and x.device.type == "cpu":  # see w8a8_linear: MkldnnCPU packs
-        return onednn.linear_packed_dynamic(x, packed, w_scale, bias, post)
-    k, n = qweight_t.shape
-    rows = x.reshape(-1, k)
-    codes, s = reference.quantize_act(rows, None, [k])
-    if _int_mm_fits(codes, qweight_t):
-        y = torch._int_mm(codes, qweight_t).float().mul_(s.float()).mul_(w_scale.float())
+def w8a8_dynamic_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
+                        kernels: Kernels, fast: bool = False, post: str = "") -> Tensor:
+    """y = post(dq(q(x)) @ dq(W)^T + b) with x quantized per token at run time (symmetric int8,
+    the reference grid), an int8 x int8 -> int32 GEMM, then both scales: oneDNN's packed int8
+    GEMM on CPU when `fast`, else torch._int_mm. x [..., K], qweight int8 [N, K], w_scale [N]."""
+    if _cpu_int8(x, fast):
+        return onednn.linear_packed_dynamic(x, _linear_pack(qweight, kernels), w_scale, bias, post)
+    n, k = qweight.shape
+    w_t = kernels.get(("w_t", qweight.data_ptr()), lambda: _transposed(qweight))
+    codes, s = reference.quantize_act(x.reshape(-1, k), None, [k])
+    if _int_mm_fits(codes, w_t):
+        y = torch._int_mm(codes, w_t).float().mul_(s.float()).mul_(w_scale.float())
     else:
-        y = (codes.float() * s.float()) @ _dequant_weight(qweight_t.t(), w_scale, torch.float32).t()
+        y = (codes.float() * s.float()) @ _dequant_weight(qweight, w_scale, torch.float32).t()
     if bias is not None:
         y = y.add_(bias.float())
     return apply_post(y, post).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 @w8a8_dynamic_linear.register_fake
-def _w8a8_dynamic_linear_fake(x, qweight_t, w_scale, bias, packed=None, post=""):
-    return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
+def _w8a8_dynamic_linear_fake(x, qweight, w_scale, bias, kernels, fast=False, post=""):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 @torch.library.custom_op("diffq::w8a8_conv2d", mutates_args=())
 def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
                 x_scales: Tensor, segments: list[int], stride: list[int],
                 padding: list[int], dilation: list[int], groups: int,
-                packed: list[Tensor]) -> Tensor:
-    """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `packed`:
-    oneDNN packs per segment (CPU), the weight as [O, kh, kw, C] (CUDA), or [] (reference)."""
-    if packed and x.device.type == "cpu":  # see w8a8_linear: MkldnnCPU packs dispatch here
-        y = onednn.conv2d_packed(x, packed, w_scale, bias, x_scales, segments, stride, padding,
+                kernels: Kernels, fast: bool = False) -> Tensor:
+    """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `kernels`
+    the layer's pack store (oneDNN packs per channel segment on CPU), used when `fast`."""
+    if _cpu_int8(x, fast) and onednn.can_pack_conv(padding, groups, segments):
+        # oneDNN takes x_scale at packing time; packs are keyed by segment layout only since
+        # the kernel call passes the scale again (checked against the reference in tests).
+        packs = kernels.get(("conv", tuple(segments), qweight.data_ptr()), lambda: onednn.pack_conv(
+            qweight, w_scale, x_scales.tolist(), segments, stride, padding, dilation, groups))
+        y = onednn.conv2d_packed(x, packs, w_scale, bias, x_scales, segments, stride, padding,
                                  dilation, groups)
     else:
         y = conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
@@ -129,7 +151,7 @@ def _layout_of(x: Tensor) -> torch.memory_format:
 
 @w8a8_conv2d.register_fake
 def _w8a8_conv2d_fake(x, qweight, w_scale, bias, x_scales, segments, stride, padding, dilation,
-                      groups, packed):
+                      groups, kernels, fast=False):
     y = F.conv2d(x, qweight.to(x.dtype), None, stride, padding, dilation, groups)
     return y.contiguous(memory_format=_layout_of(x))
 

@@ -142,15 +142,20 @@ def test_saved_with_an_adapter_loaded_reloads_without_it(adapters, tmp_path):
     assert torch.equal(_unet_out(back.unet), adapted)
 
 
-def test_compile_traces_an_adapted_weight_only_layer_without_graph_breaks():
+@pytest.mark.parametrize("mode", [None, "static", "dynamic"])
+def test_compile_traces_an_adapted_quantized_layer_without_graph_breaks(mode):
     from peft import inject_adapter_in_model
     from torch import nn
 
-    from diffq.core.recipe import WeightSpec
+    from diffq.core.recipe import ActivationSpec, WeightSpec
 
     torch.manual_seed(0)
+    act = None if mode is None else ActivationSpec(mode=mode, granularity="per_token" if mode == "dynamic"
+                                                   else "per_tensor")
     model = nn.Sequential()
-    model.add_module("proj", QLinear(nn.Linear(64, 48), WeightSpec("int8", "per_channel"), None))
+    model.add_module("proj", QLinear(nn.Linear(64, 48), WeightSpec("int8", "per_channel"), act))
+    if mode == "static":
+        model.proj.input_quant.set_table(torch.full((1, 1), 0.03), torch.zeros(0))
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["proj"], init_lora_weights="gaussian"), model)
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

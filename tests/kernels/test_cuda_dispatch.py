@@ -10,6 +10,7 @@ from diffq.core.recipe import ActivationSpec, WeightSpec  # noqa: E402
 from diffq.kernels import act_quant, int8_attention, int8_conv, w4a16_gemm, w8a8_gemm  # noqa: E402
 from diffq.nn import QConv2d, QLinear, set_backend  # noqa: E402
 from diffq.ops import cuda, library, reference  # noqa: E402
+from diffq.ops.kernels import Kernels
 from tests.kernels.conftest import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -40,11 +41,11 @@ def test_cuda_kernel_glue(gen, device, calls):
     qw = torch.randint(-128, 128, (8, 24, 3, 3), generator=gen, dtype=torch.int8).to(device)
     ws = torch.rand(8, generator=gen).to(device) * 0.01 + 1e-3
     args = (torch.tensor([0.02, 0.05], device=device), [16, 8], [2, 2], [1, 1], [1, 1], 1)
-    for packed in ([], [qw.permute(0, 2, 3, 1).contiguous()]):
-        y = cuda._w8a8_conv2d_cuda(x, qw, ws, None, *args, packed)
+    for fast in (False, True):  # the NHWC weight made per call, or kept in the layer's store
+        y = cuda._w8a8_conv2d_cuda(x, qw, ws, None, *args, Kernels(), fast)
         assert rel_err(y, library.conv2d_reference(x.double(), qw, ws.double(), None, *args)) < 1e-6
     grouped = cuda._w8a8_conv2d_cuda(x, qw[:, :12], ws, None, args[0][:1], [24], [1, 1], [1, 1], [1, 1],
-                                     2, [])
+                                     2, Kernels())
     assert grouped.shape == (2, 8, 6, 6)  # groups > 1: the reference
     nhwc, seg_scales = x.permute(0, 2, 3, 1), torch.tensor([0.02, 0.05], device=device)
     codes, scales = cuda._quantize_act_cuda(nhwc, seg_scales, [16, 8])

@@ -10,6 +10,7 @@ from torch.profiler import profile
 from diffq.core.recipe import ActivationSpec, WeightSpec
 from diffq.nn import QLinear, set_backend
 from diffq.ops import library, onednn
+from diffq.ops.kernels import Kernels
 
 DYNAMIC = ActivationSpec(mode="dynamic", granularity="per_token")
 
@@ -46,8 +47,8 @@ def test_dynamic_linear_is_an_int8_gemm_equal_to_the_reference(shape, dtype, tol
 
 def test_dynamic_linear_op_schema(gen):
     x = torch.randn(3, 5, 32, generator=gen)
-    w_t = torch.randint(-127, 128, (32, 16), generator=gen, dtype=torch.int8)
-    args = (x, w_t, torch.rand(16, generator=gen) * 0.01 + 1e-3, torch.randn(16, generator=gen))
+    w = torch.randint(-127, 128, (16, 32), generator=gen, dtype=torch.int8)
+    args = (x, w, torch.rand(16, generator=gen) * 0.01 + 1e-3, torch.randn(16, generator=gen), Kernels())
     torch.library.opcheck(torch.ops.diffq.w8a8_dynamic_linear.default, args)
     assert library.w8a8_dynamic_linear(*args).shape == (3, 5, 16)
 

@@ -6,23 +6,22 @@ from torch import nn
 from diffq.core.recipe import ActivationSpec, WeightSpec
 from diffq.nn import QConv2d, QLinear
 from diffq.ops import library, onednn
+from diffq.ops.kernels import Kernels
 
 
-def _linear_args(gen, packed=False):
+def _linear_args(gen, fast=False):
     x = torch.randn(3, 5, 32, generator=gen)
     qw = torch.randint(-127, 128, (16, 32), generator=gen, dtype=torch.int8)
     ws = torch.rand(16, generator=gen) * 0.01 + 1e-3
     b = torch.randn(16, generator=gen)
-    return x, qw, ws, b, torch.tensor([0.02]), onednn.pack_linear(qw) if packed else None
+    return x, qw, ws, b, torch.tensor([0.02]), Kernels(), fast
 
 
-def _conv_args(gen, packed=False):
+def _conv_args(gen, fast=False):
     x = torch.randn(2, 24, 6, 6, generator=gen)
     qw = torch.randint(-127, 128, (8, 24, 3, 3), generator=gen, dtype=torch.int8)
     ws = torch.rand(8, generator=gen) * 0.01 + 1e-3
-    scales, segs = [0.02, 0.05], [16, 8]
-    packs = onednn.pack_conv(qw, ws, scales, segs, [1, 1], [1, 1], [1, 1], 1) if packed else []
-    return x, qw, ws, None, torch.tensor(scales), segs, [1, 1], [1, 1], [1, 1], 1, packs
+    return x, qw, ws, None, torch.tensor([0.02, 0.05]), [16, 8], [1, 1], [1, 1], [1, 1], 1, Kernels(), fast
 
 
 def test_opcheck(gen):
@@ -37,13 +36,14 @@ def test_cpu_kernels_match_default(gen):
     lin = _linear_args(gen)
     ref = library.w8a8_linear(*lin)
     with profile() as prof:  # the op must reach oneDNN, not its reference fallback
-        fast = library.w8a8_linear(*lin[:-1], onednn.pack_linear(lin[1]))
+        fast = library.w8a8_linear(*lin[:-1], True)
     assert "onednn::qlinear_pointwise" in {e.key for e in prof.key_averages()}
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
-    conv = _conv_args(gen, packed=True)
-    ref = library.w8a8_conv2d(*conv[:-1], [])
+    assert len(lin[-2]) == 1  # the pack, kept in the store for the next call
+    conv = _conv_args(gen)
+    ref = library.w8a8_conv2d(*conv)
     with profile() as prof:
-        fast = library.w8a8_conv2d(*conv)
+        fast = library.w8a8_conv2d(*conv[:-1], True)
     assert "onednn::qconv2d_pointwise" in {e.key for e in prof.key_averages()}
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
 
@@ -63,6 +63,35 @@ def test_torch_compile_traces_quantized_modules(gen):
 
 
 @pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic"])
+def test_a_calibrated_w8a8_model_compiles_in_one_graph_on_its_int8_kernels(recipe):
+    """Timestep groups chosen on-device, packs handed to the ops as an opaque store: no graph
+    break anywhere in the model, the same outputs as eager, oneDNN inside the compiled call."""
+    from torch.profiler import profile
+
+    import diffq
+    from tests.conftest import ToyUNet, toy_calibration
+
+    torch.manual_seed(0)
+    calls = toy_calibration(8)
+    q = diffq.quantize(ToyUNet(), recipe, calibration=calls)
+    x, t = toy_calibration(3, seed=1)[1]
+    with torch.no_grad():
+        # (explain traces the timestep pre-hook as a graph of its own; it reports no break reason)
+        assert not torch._dynamo.explain(q)(x, t).break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(q, backend="aot_eager", fullgraph=True)  # raises on any break
+        with profile() as prof:
+            y = compiled(x, t)
+        ref = q(x, t)
+    assert "onednn::qlinear_pointwise" in {e.key for e in prof.key_averages()}
+    assert float((y - ref).norm() / ref.norm()) < 1e-5
+    _, t_late = toy_calibration(3, seed=1)[2]  # another timestep group, no recompile needed
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t_late), q(x, t_late), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_onednn_exact_on_full_range_codes(gen, monkeypatch, split, groups):
@@ -77,13 +106,12 @@ def test_onednn_exact_on_full_range_codes(gen, monkeypatch, split, groups):
     ws = torch.rand(8, generator=gen) * 0.01 + 1e-3
     x = torch.randn(2, 16, 6, 6, generator=gen) * 4  # beyond the range: codes clamp at the ends
     b = torch.randn(8, generator=gen)
-    conv = (x, qw, ws, b, torch.tensor([0.02]), [16], [1, 1], [1, 1], [1, 1], groups)
-    packs = onednn.pack_conv(qw, ws, [0.02], [16], [1, 1], [1, 1], [1, 1], groups)
-    ref = library.w8a8_conv2d(*conv, [])
-    assert float((library.w8a8_conv2d(*conv, packs) - ref).norm() / ref.norm()) < 1e-5
+    conv = (x, qw, ws, b, torch.tensor([0.02]), [16], [1, 1], [1, 1], [1, 1], groups, Kernels())
+    ref = library.w8a8_conv2d(*conv, False)
+    assert float((library.w8a8_conv2d(*conv, True) - ref).norm() / ref.norm()) < 1e-5
     lw = qw.reshape(8, -1)[:, :32].contiguous()
     xl = x.reshape(2, -1)[:, :32] * 2
     xs = torch.tensor([0.02])
-    ref = library.w8a8_linear(xl, lw, ws, b, xs)
-    fast = library.w8a8_linear(xl, lw, ws, b, xs, onednn.pack_linear(lw))
+    ref = library.w8a8_linear(xl, lw, ws, b, xs, Kernels(), False)
+    fast = library.w8a8_linear(xl, lw, ws, b, xs, Kernels(), True)
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
