@@ -39,6 +39,7 @@ class BenchSettings:
     warmup: int = 2
     threads: int | None = None
     compile: bool = False       # also bf16 and quantized under torch.compile (Inductor)
+    lora: Path | None = None    # a diffusers LoRA folder loaded on every variant (denoiser rows)
     layers: int = 4             # one denoiser row: also time its N layers with the most MACs
     out: Path | None = None
 
@@ -100,6 +101,11 @@ def run_bench(s: BenchSettings) -> dict:
         if value is not None:
             check_at_least(option, value)
     rows = _rows(s)
+    if s.lora is not None and not (s.lora / "pytorch_lora_weights.safetensors").is_file():
+        raise InputError(f"--lora {s.lora}: no pytorch_lora_weights.safetensors there (a folder "
+                         "written by diffusers' save_lora_weights)")
+    if s.lora is not None and any(wl.unit != "step" for _, wl in rows):
+        raise InputError("--lora applies to denoiser rows (tiny-sd, sd15, sd3 or a pipeline folder)")
     schemes = None if s.schemes is None else [x for x in s.schemes.split(",") if x]
     for scheme in schemes or []:
         load_recipe(scheme)  # a bad name fails before any model is built
@@ -111,9 +117,18 @@ def run_bench(s: BenchSettings) -> dict:
     return out
 
 
-def _variants(built: Built, schemes: list[str], compile_: bool) -> dict[str, tuple[nn.Module, torch.dtype]]:
-    """fp32, bf16 and each scheme (float ops in bf16; images channels-last), plus compiled
-    twins when asked."""
+def _with_lora(model: nn.Module, folder: Path) -> nn.Module:
+    """The adapter in `folder` (diffusers' save_lora_weights layout) loaded on a denoiser."""
+    prefix = "unet" if type(model).__name__.startswith("UNet") else "transformer"
+    model.load_lora_adapter(str(folder), prefix=prefix, adapter_name="bench",
+                            weight_name="pytorch_lora_weights.safetensors")
+    return model
+
+
+def _variants(built: Built, schemes: list[str], compile_: bool,
+              lora: Path | None = None) -> dict[str, tuple[nn.Module, torch.dtype]]:
+    """fp32, bf16 and each scheme (float ops in bf16; images channels-last), each with the LoRA
+    adapter when one is given, plus compiled twins when asked."""
     def bf16(m: nn.Module) -> nn.Module:
         return m.to(torch.bfloat16).to(memory_format=torch.channels_last)
 
@@ -122,8 +137,10 @@ def _variants(built: Built, schemes: list[str], compile_: bool) -> dict[str, tup
     for scheme in schemes:
         q = quantize(copy.deepcopy(fp), scheme, calibration=built.calibration)
         out[scheme] = (bf16(q), torch.bfloat16)
+    if lora is not None:
+        out = {f"{k} +lora": (_with_lora(m, lora), dt) for k, (m, dt) in out.items()}
     if compile_:
-        for name in [n for n in out if n != "fp32"]:
+        for name in [n for n in out if not n.startswith("fp32")]:
             out[f"{name} +compile"] = (torch.compile(out[name][0]), torch.bfloat16)
     return out
 
@@ -131,15 +148,16 @@ def _variants(built: Built, schemes: list[str], compile_: bool) -> dict[str, tup
 def _bench_row(name: str, wl: Workload, schemes: list[str], s: BenchSettings, layers: int) -> dict:
     batch = s.batch or DEFAULT_BATCH.get(name, 2)
     built = wl.build(batch)
-    variants = _variants(built, schemes, s.compile)
+    variants = _variants(built, schemes, s.compile, s.lora)
     fns = {k: built.run(m, dt) for k, (m, dt) in variants.items()}
     secs = interleaved(fns, s.repeats, s.warmup)
+    base = next(k for k in secs if k.startswith("bf16"))  # "bf16", or "bf16 +lora"
     row = {
         "row": name, "label": wl.label, "unit": wl.unit, "batch": batch,
         "seconds_per_unit": {k: v / built.units for k, v in secs.items()},
-        "speedup_vs_bf16": {k: secs["bf16"] / v for k, v in secs.items()},
-        "speedup_vs_fp32": {k: secs["fp32"] / v for k, v in secs.items()},
-        "weight_bytes": {k: weight_bytes(m, None if k == "fp32" else torch.bfloat16)
+        "speedup_vs_bf16": {k: secs[base] / v for k, v in secs.items()},
+        "speedup_vs_fp32": {k: secs[next(iter(secs))] / v for k, v in secs.items()},
+        "weight_bytes": {k: weight_bytes(m, None if k.startswith("fp32") else torch.bfloat16)
                          for k, (m, _) in variants.items()},
     }
     if layers and wl.unit == "step":
@@ -178,8 +196,8 @@ def _layer_times(built: Built, variants: dict, top: int, s: BenchSettings) -> li
         for k, (m, dt) in variants.items():
             if k.endswith("+compile"):
                 continue
-            layer = m.get_submodule(lname)
-            clock = getattr(getattr(layer, "input_quant", None), "clock", None)
+            layer = m.get_submodule(lname)  # with --lora, PEFT's wrapper around the layer
+            clock = getattr(getattr(getattr(layer, "base_layer", layer), "input_quant", None), "clock", None)
             if clock is not None:
                 clock.value = t
             xi = inp.to(dt)

@@ -14,6 +14,7 @@ from tests.dit_pipelines import build
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("DIFFQ_TEST_PIPELINE", ROOT / "samples" / "tiny-sd"))
+LORA = ROOT / "samples" / "tiny-sd-lora-squares"
 EVALUATOR = ROOT / "samples" / "tiny-clip"
 FAST = ["--steps", "4", "--batch-size", "2", "--no-progress"]
 
@@ -137,6 +138,8 @@ def test_bad_input_gives_one_line(capsys, tmp_path):
         (["bench", "--model", "tiny-sd,sd99"], "unknown bench rows sd99"),
         (["bench", "--schemes", "w9a9"], "unknown recipe 'w9a9'"),
         (["bench", "--batch", "0"], "--batch"),
+        (["bench", "--lora", tmp_path], "no pytorch_lora_weights.safetensors"),
+        (["bench", "--model", "bert", "--lora", LORA], "--lora applies to denoiser rows"),
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--threads", "0"], "--threads"),
     ]
@@ -349,3 +352,12 @@ def test_bench_encoder_and_decode_rows(tmp_path):
     assert decode["unit"] == "token"
     assert {"llm-w8a8-smoothquant", "llm-w4a16-gptq"} <= set(decode["weight_bytes"])
     assert decode["weight_bytes"]["llm-w4a16-gptq"] < 0.4 * decode["weight_bytes"]["bf16"]
+
+
+@pytest.mark.slow
+def test_bench_with_a_lora_adapter(tmp_path):
+    out = tmp_path / "bench.json"
+    assert run("bench", "--lora", LORA, "--repeats", "1", "--warmup", "0", "--layers", "1", "--out", out) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["seconds_per_unit"]) == {"fp32 +lora", "bf16 +lora", "w8a8 +lora"}
+    assert row["speedup_vs_bf16"]["bf16 +lora"] == 1.0 and len(row["layers"]) == 1
