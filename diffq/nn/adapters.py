@@ -22,7 +22,3 @@ def is_adapter_tensor(name: str) -> bool:
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """model.state_dict() without adapter tensors, under the names the model has unadapted."""
     return {plain_name(k): v for k, v in model.state_dict().items() if not is_adapter_tensor(k)}
-
-
-def has_adapters(model: nn.Module) -> bool:
-    return any(is_adapter_tensor(k) for k in model.state_dict())

@@ -162,10 +162,7 @@ class QuantizedLayer(nn.Module):
 def layer_kernels(model: nn.Module) -> dict[str, str]:
     """Layer name -> the compute its calls take on CPU (see `diffq.ops.kernel_of`)."""
     return {n: ops.kernel_of(m.weight_layout, None if m.input_quant is None else m.input_quant.spec,
-                             conv=m.feature_axis == 1, pointwise=_pointwise(m))
+                             conv=m.feature_axis == 1,
+                             pointwise=m.feature_axis == 1 and ops.pointwise(
+                                 m.weight_shape, m.stride, m.padding, m.dilation, m.groups))
             for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
-
-
-def _pointwise(m: QuantizedLayer) -> bool:
-    return (m.feature_axis == 1 and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)
-            and tuple(m.padding) == (0, 0) and tuple(m.dilation) == (1, 1) and m.groups == 1)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from torch import nn
 
 from diffq.nn.qlinear import QLinear
-from diffq.ops import fused, library
+from diffq.ops import fused
 
 
 class LinearAct(nn.Module):
@@ -40,7 +40,7 @@ class LinearAct(nn.Module):
             y = self.proj(x)
         finally:
             base.post = post
-        return fused.activation(y, post) if y.device.type == "cpu" else library.apply_post(y, post)
+        return fused.activation(y, post)
 
     def extra_repr(self) -> str:
         return f"post={self.proj.post!r} (fused from {type(self.original).__name__})"

@@ -20,7 +20,7 @@ class QConv2d(QuantizedLayer, nn.Conv2d):
     def __new__(cls, *args, **kwargs):
         # Called with nn.Conv2d's own arguments (PEFT builds a LoRA adapter's convolutions as
         # type(base_layer)(in_channels, rank, kernel_size, ...)): a plain float nn.Conv2d.
-        if args and not isinstance(args[0], nn.Conv2d) or "in_channels" in kwargs:
+        if (args and not isinstance(args[0], nn.Conv2d)) or "in_channels" in kwargs:
             return nn.Conv2d(*args, **kwargs)
         return super().__new__(cls)
 

@@ -15,8 +15,9 @@ class QLinear(QuantizedLayer, nn.Linear):
 
     An `nn.Linear` to the libraries that wrap Linear layers (PEFT's LoRA: the adapter runs as
     a float side branch on the layer's input while this layer keeps its int8 / int4 path), but
-    with no float `weight`: reading it raises AttributeError saying so (so merging an adapter
-    into it, `fuse_lora`, is refused in one line)."""
+    with no float `weight`: it is a `FloatWeightStandIn` (shape, dtype, device; computing with it
+    raises QuantizedWeightError, so merging an adapter into it, `fuse_lora`, is refused in one
+    line)."""
 
     feature_axis = -1
 

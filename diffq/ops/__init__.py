@@ -55,9 +55,10 @@ def _w8a8_dynamic(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor
             and _int8_per_channel(weight.layout))
 
 
-def _pointwise(weight: QuantizedWeight, stride, padding, dilation, groups: int) -> bool:
-    """A 1x1 convolution with unit stride and no padding: a Linear over the pixels."""
-    return (len(weight.shape) == 4 and tuple(weight.shape[2:]) == (1, 1) and groups == 1
+def pointwise(shape: tuple[int, ...], stride, padding, dilation, groups: int) -> bool:
+    """A convolution of weight `shape` that is 1x1 with unit stride and no padding: a Linear
+    over the pixels."""
+    return (len(shape) == 4 and tuple(shape[2:]) == (1, 1) and groups == 1
             and tuple(stride) == (1, 1) and not isinstance(padding, str) and tuple(padding) == (0, 0)
             and tuple(dilation) == (1, 1))
 
@@ -159,38 +160,33 @@ def _w4a16(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backe
             and weight.layout.format == "int4" and weight.layout.group_size is not None)
 
 
-def _then(y: torch.Tensor, post: str) -> torch.Tensor:
-    """`post` applied after a kernel that cannot fuse it (on CPU in one compiled fp32 pass)."""
-    return fused.activation(y, post) if y.device.type == "cpu" else library.apply_post(y, post)
-
-
 def linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None,
     cache: Kernels | None = None, backend: str = "auto", post: str = "",
 ) -> torch.Tensor:
     """y = post(x @ W^T + b) with W quantized and, when `act` is given, x quantized. x: [..., K].
     `cache` is the calling module's store for prepacked weights; `post` an activation of
-    `library.POSTS`, fused into the int8 kernels' epilogues."""
+    `fused.POSTS`, fused into the int8 kernels' epilogues (applied after the others)."""
     if _w8_decode(x, weight, act, backend):
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.data,
                                       _w_scale(weight, cache, x.dtype))
         y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return _then(y if bias is None else y + bias.to(x.dtype), post)
+        return fused.activation(y if bias is None else y + bias.to(x.dtype), post)
     if _w4_decode(x, weight, act, backend):
         packed, sz = _int4_pack(weight, cache)
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed,
                                               weight.layout.group_size, sz)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return _then(y if bias is None else y + bias.to(x.dtype), post)
+        return fused.activation(y if bias is None else y + bias.to(x.dtype), post)
     if _w4a16(x, weight, act, backend):
-        return _then(library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point, bias,
-                                          weight.layout.group_size), post)
+        return fused.activation(library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point,
+                                                     bias, weight.layout.group_size), post)
     kernels, fast = _store(cache, backend)
     if _w8a8_dynamic(weight, act, x, backend):
         return library.w8a8_dynamic_linear(x, weight.data, _scale_vector(weight), bias, kernels, fast,
                                            post)
     if not _w8a8(weight, act, x, backend):
-        return _then(reference.linear(x, weight, bias, act), post)
+        return fused.activation(reference.linear(x, weight, bias, act), post)
     xs, _ = _segment_scales(act, x.shape[-1])
     return library.w8a8_linear(x, weight.data, _scale_vector(weight), bias, xs, kernels, fast, post)
 
@@ -208,9 +204,10 @@ def conv2d(
     backend: str = "auto",
 ) -> torch.Tensor:
     """2-D convolution of x [N, C, H, W] with a quantized weight [O, C/groups, kh, kw]."""
-    if _pointwise(weight, stride, padding, dilation, groups) and _w8a8_dynamic_rows(weight, act, x, backend):
+    if (pointwise(weight.shape, stride, padding, dilation, groups)
+            and _w8a8_dynamic_rows(weight, act, x, backend)):
         # per-pixel dynamic scales factor out of a 1x1 convolution: it is a Linear over pixels
-        n, c, h, w = x.shape
+        c = x.shape[1]
         rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         flat = QuantizedWeight(weight.data.reshape(weight.shape[0], c), weight.scale, weight.zero_point,
                                weight.layout, (weight.shape[0], c))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from diffq.ops import library, reference
+from diffq.ops.fused import apply_post
 
 
 @functools.cache
@@ -34,7 +35,7 @@ def _w8a8_linear_cuda(x, qweight, w_scale, bias, x_scale, kernels, fast=False, p
         return library.linear_reference(x, qweight, w_scale, bias, x_scale, post)
     from diffq.kernels import w8a8_gemm
 
-    return library.apply_post(w8a8_gemm.w8a8_linear(x, qweight, w_scale, bias, x_scale), post)
+    return apply_post(w8a8_gemm.w8a8_linear(x, qweight, w_scale, bias, x_scale), post)
 
 
 @library.w8a8_conv2d.register_kernel("cuda")

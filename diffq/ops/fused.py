@@ -28,7 +28,11 @@ def _u8_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
     return (xf / s).round().clamp(_QMIN, _QMAX).add(_ZP).to(torch.uint8), s
 
 
-def _gelu(y: Tensor, post: str) -> Tensor:
+POSTS = ("", "gelu", "gelu_tanh")  # activations a Linear may apply to its own output
+
+
+def apply_post(y: Tensor, post: str) -> Tensor:
+    """The activation `post` (one of POSTS) applied to a Linear's output, eagerly."""
     if not post:
         return y
     return F.gelu(y, approximate="tanh" if post == "gelu_tanh" else "none")
@@ -38,11 +42,11 @@ def _rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dty
              post: str) -> Tensor:
     """post(y [M, N] fp32 times per-row scales, plus bias), in `dtype`: one pass."""
     y = y * row_scale
-    return _gelu(y if bias is None else y + bias.float(), post).to(dtype)
+    return apply_post(y if bias is None else y + bias.float(), post).to(dtype)
 
 
 def _activation(y: Tensor, post: str) -> Tensor:
-    return _gelu(y.float(), post).to(y.dtype)
+    return apply_post(y.float(), post).to(y.dtype)
 
 
 _EAGER = {"static": _u8_static, "dynamic": _u8_dynamic, "rescale": _rescale,
@@ -115,7 +119,10 @@ def rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dtyp
 
 
 def activation(y: Tensor, post: str) -> Tensor:
-    """post(y) computed in fp32 (bf16 tanh-GELU runs eagerly at a fraction of the speed)."""
+    """post(y) after a kernel that could not fuse it: on CPU computed in fp32 in one compiled
+    pass (PyTorch's eager bf16 tanh-GELU runs at a fraction of the speed), elsewhere eagerly."""
     if not post:
         return y
+    if y.device.type != "cpu":
+        return apply_post(y, post)
     return _run_rows("activation", y.reshape(-1, y.shape[-1]), post).reshape(y.shape)

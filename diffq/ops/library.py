@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffq.ops import onednn, reference
+from diffq.ops.fused import apply_post
 from diffq.ops.kernels import Kernels
 
 
@@ -30,16 +31,6 @@ def _qdq(x: Tensor, scales: Tensor, segments: list[int], axis: int) -> Tensor:
 def _dequant_weight(qweight: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
     shape = [-1] + [1] * (qweight.dim() - 1)
     return (qweight.float() * w_scale.float().reshape(shape)).to(dtype)
-
-
-POSTS = ("", "gelu", "gelu_tanh")  # activations a Linear may apply to its own output
-
-
-def apply_post(y: Tensor, post: str) -> Tensor:
-    """The activation `post` (one of POSTS) applied to a Linear's output."""
-    if not post:
-        return y
-    return F.gelu(y, approximate="tanh" if post == "gelu_tanh" else "none")
 
 
 def linear_reference(x, qweight, w_scale, bias, x_scale, post: str = ""):
@@ -71,7 +62,7 @@ def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
                 x_scale: Tensor, kernels: Kernels, fast: bool = False, post: str = "") -> Tensor:
     """y = post(dq(q(x)) @ dq(W)^T + b); x [..., K], qweight int8 [N, K], w_scale [N], x_scale
     [1]; `kernels` the layer's pack store, used when `fast` (else the reference); `post` an
-    activation of POSTS, fused into the kernel where it can be."""
+    activation of `fused.POSTS`, fused into the kernel where it can be."""
     if _cpu_int8(x, fast):
         return onednn.linear_packed(x, _linear_pack(qweight, kernels), w_scale, bias, x_scale, post)
     return linear_reference(x, qweight, w_scale, bias, x_scale, post)

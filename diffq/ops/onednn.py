@@ -105,7 +105,7 @@ _POST_OPS = {"": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "
 
 def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Tensor,
                   post: str = "") -> Tensor:
-    """The static W8A8 linear; `post` (see library.POSTS) runs as oneDNN's post-op."""
+    """The static W8A8 linear; `post` (see fused.POSTS) runs as oneDNN's post-op."""
     x_scale = float(x_scale)  # a CPU tensor: reading it costs no device sync
     split = saturates()
     b = None if bias is None or split else bias.float()
