@@ -4,8 +4,9 @@ A module that computes act(proj(x)) (diffusers' `GELU`, the feed-forward input o
 PixArt and Sana blocks) is replaced by `LinearAct`, which keeps `proj` under the same name
 (so state dicts and checkpoints are unchanged) and lets the int8 kernel apply the activation
 in its epilogue: oneDNN's post-op for static activations, the compiled rescale pass for
-dynamic ones. On this CPU that also avoids PyTorch's eager bf16 tanh-GELU, which takes 74 ms
-for the 2714 x 6144 output of an SD3-medium feed-forward where the fused epilogue takes 3 ms.
+dynamic ones. On this CPU that also avoids PyTorch's bf16 tanh-GELU, which takes 76 ms on the
+2714 x 6144 output of an SD3-medium feed-forward where the post-op adds 4 ms
+(`python samples/bench_cpu_ops.py --threads 2`).
 
 The swap is structural and repeatable: it runs after quantizing and after every load.
 """
@@ -40,7 +41,7 @@ class LinearAct(nn.Module):
             y = self.proj(x)
         finally:
             base.post = post
-        return fused.activation(y, post)
+        return fused.apply_post(y, post)
 
     def extra_repr(self) -> str:
         return f"post={self.proj.post!r} (fused from {type(self.original).__name__})"

@@ -171,22 +171,22 @@ def linear(
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.data,
                                       _w_scale(weight, cache, x.dtype))
         y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return fused.activation(y if bias is None else y + bias.to(x.dtype), post)
+        return fused.apply_post(y if bias is None else y + bias.to(x.dtype), post)
     if _w4_decode(x, weight, act, backend):
         packed, sz = _int4_pack(weight, cache)
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed,
                                               weight.layout.group_size, sz)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return fused.activation(y if bias is None else y + bias.to(x.dtype), post)
+        return fused.apply_post(y if bias is None else y + bias.to(x.dtype), post)
     if _w4a16(x, weight, act, backend):
-        return fused.activation(library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point,
+        return fused.apply_post(library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point,
                                                      bias, weight.layout.group_size), post)
     kernels, fast = _store(cache, backend)
     if _w8a8_dynamic(weight, act, x, backend):
         return library.w8a8_dynamic_linear(x, weight.data, _scale_vector(weight), bias, kernels, fast,
                                            post)
     if not _w8a8(weight, act, x, backend):
-        return fused.activation(reference.linear(x, weight, bias, act), post)
+        return fused.apply_post(reference.linear(x, weight, bias, act), post)
     xs, _ = _segment_scales(act, x.shape[-1])
     return library.w8a8_linear(x, weight.data, _scale_vector(weight), bias, xs, kernels, fast, post)
 

@@ -3,7 +3,8 @@
 The reference grid (x / scale in fp32, round half to even, clamp to [-128, 127]) plus oneDNN's
 zero point of 128, as one loop that Inductor generates once per dtype and rank, instead of the
 seven-odd eager passes (and fp32 copies) of `reference.quantize_act`: on 2048 x 1536 bf16 rows,
-15.9 ms eager vs 0.79 ms compiled for dynamic per-token codes, same codes. Where no compiler
+3.2 ms eager vs 1.6 ms compiled for dynamic per-token codes, same codes (2 threads,
+`python samples/bench_cpu_ops.py --threads 2`). Where no compiler
 works (Inductor needs a C++ toolchain), the same functions run eagerly.
 """
 from __future__ import annotations
@@ -32,7 +33,9 @@ POSTS = ("", "gelu", "gelu_tanh")  # activations a Linear may apply to its own o
 
 
 def apply_post(y: Tensor, post: str) -> Tensor:
-    """The activation `post` (one of POSTS) applied to a Linear's output, eagerly."""
+    """The activation `post` (one of POSTS) applied to a Linear's output, eagerly in y's dtype
+    (as the unfused module computes it; a compiled fp32 pass was no faster here, see
+    samples/bench_cpu_ops.py)."""
     if not post:
         return y
     return F.gelu(y, approximate="tanh" if post == "gelu_tanh" else "none")
@@ -45,12 +48,7 @@ def _rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dty
     return apply_post(y if bias is None else y + bias.float(), post).to(dtype)
 
 
-def _activation(y: Tensor, post: str) -> Tensor:
-    return apply_post(y.float(), post).to(y.dtype)
-
-
-_EAGER = {"static": _u8_static, "dynamic": _u8_dynamic, "rescale": _rescale,
-          "activation": _activation}
+_EAGER = {"static": _u8_static, "dynamic": _u8_dynamic, "rescale": _rescale}
 # Compiled twins, made on first use; a function whose compile fails once stays eager (a fact
 # of this host: no compiler).
 _COMPILED: dict[str, object] = {}
@@ -117,12 +115,3 @@ def rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dtyp
     """post(y [M, N] fp32 times row_scale [M, 1], plus bias), in `dtype`."""
     return _run_rows("rescale", y, row_scale, bias, dtype, post)
 
-
-def activation(y: Tensor, post: str) -> Tensor:
-    """post(y) after a kernel that could not fuse it: on CPU computed in fp32 in one compiled
-    pass (PyTorch's eager bf16 tanh-GELU runs at a fraction of the speed), elsewhere eagerly."""
-    if not post:
-        return y
-    if y.device.type != "cpu":
-        return apply_post(y, post)
-    return _run_rows("activation", y.reshape(-1, y.shape[-1]), post).reshape(y.shape)

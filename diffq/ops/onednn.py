@@ -118,7 +118,7 @@ def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Ten
         return y
     y = _join(y, y.dim() - 1)
     y = y if bias is None else y.add_(bias.to(y.dtype))
-    return fused.activation(y, post)
+    return fused.apply_post(y, post)
 
 
 def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias, post: str = "") -> Tensor:
