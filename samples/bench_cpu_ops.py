@@ -1,0 +1,99 @@
+"""The CPU op-level numbers behind diffq's int8 kernel choices, one run, medians, same inputs:
+
+1. the int8 GEMM for dynamic per-token activations: oneDNN's packed kernel (what diffq runs)
+   vs torch._int_mm vs bf16 / fp32 F.linear;
+2. activation quantization: `reference.quantize_act` (eager ops) vs `diffq.ops.fused` (one
+   Inductor-generated pass), same codes;
+3. GELU after a feed-forward GEMM: fused as oneDNN's post-op vs PyTorch's bf16 F.gelu after it
+   (and vs a compiled fp32 pass, which diffq tried and dropped: no faster).
+
+    python samples/bench_cpu_ops.py [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from diffq.ops import fused, onednn, reference
+
+GEMMS = [(2048, 384, 1152), (2048, 1536, 384), (2714, 1536, 1536), (2714, 1536, 6144), (1, 2048, 5632)]
+ROWS = [(2048, 384), (2048, 1536), (2714, 1536)]
+
+
+def ms(fn, n: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def gemms(g: torch.Generator) -> None:
+    print("| M x K x N | fp32 ms | bf16 ms | torch._int_mm ms | oneDNN int8 ms | oneDNN vs bf16 |")
+    print("|---|---|---|---|---|---|")
+    for m, k, n in GEMMS:
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        qx = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+        wt, u8, packed = qw.t().contiguous(), qx.view(torch.uint8) ^ 0x80, onednn.pack_linear(qw)
+        scale, zeros = torch.rand(n, generator=g) * 0.01, torch.zeros(n, dtype=torch.int32)
+        t = {"fp32": ms(lambda: F.linear(x, w)), "bf16": ms(lambda: F.linear(xb, wb)),
+             "int_mm": ms(lambda: torch._int_mm(qx, wt)),
+             "onednn": ms(lambda: torch.ops.onednn.qlinear_pointwise(
+                 u8, 1.0, 128, packed, scale, zeros, None, 1.0, 0, torch.bfloat16, "none", [], ""))}
+        print(f"| {m} x {k} x {n} | {t['fp32']:.3f} | {t['bf16']:.3f} | {t['int_mm']:.3f} | "
+              f"{t['onednn']:.3f} | {t['bf16'] / t['onednn']:.2f}x |")
+
+
+def quantize(g: torch.Generator) -> None:
+    print("\n| rows x K (bf16) | reference.quantize_act ms | fused.u8_dynamic ms | same codes |")
+    print("|---|---|---|---|")
+    for m, k in ROWS:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        ref, fast = ms(lambda: reference.quantize_act(x, None, [k])), ms(lambda: fused.u8_dynamic(x))
+        same = torch.equal(fused.u8_dynamic(x)[0].to(torch.int16) - 128,
+                           reference.quantize_act(x, None, [k])[0].to(torch.int16))
+        print(f"| {m} x {k} | {ref:.3f} | {fast:.3f} | {same} |")
+
+
+def gelu(g: torch.Generator) -> None:
+    m, k, n = 2714, 1536, 6144  # an SD3-medium feed-forward input projection, batch 2
+    qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    u8 = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
+    packed, scale = onednn.pack_linear(qw), torch.rand(n, generator=g) * 0.01
+    zeros, b = torch.zeros(n, dtype=torch.int32), torch.randn(n, generator=g)
+
+    def gemm(post: str, algo: str):
+        return torch.ops.onednn.qlinear_pointwise(u8, 0.02, 128, packed, scale, zeros, b, 1.0, 0,
+                                                  torch.bfloat16, post, [], algo)
+    y = gemm("none", "")
+    compiled = torch.compile(lambda v: F.gelu(v.float(), approximate="tanh").to(v.dtype), dynamic=True)
+    print(f"\n{m} x {k} x {n} int8 GEMM, bf16 out: alone {ms(lambda: gemm('none', '')):.2f} ms, "
+          f"with tanh-GELU post-op {ms(lambda: gemm('gelu', 'tanh')):.2f} ms; after it, bf16 "
+          f"F.gelu(tanh) {ms(lambda: F.gelu(y, approximate='tanh')):.2f} ms, "
+          f"compiled fp32 {ms(lambda: compiled(y)):.2f} ms")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    torch.set_num_threads(p.parse_args().threads)
+    if not onednn.available():
+        raise SystemExit("this torch build has no oneDNN int8 kernels")
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        gemms(g)
+        quantize(g)
+        gelu(g)
+
+
+if __name__ == "__main__":
+    main()
