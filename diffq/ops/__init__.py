@@ -6,8 +6,9 @@ with dynamic per-token int8 activations go through `diffq::w8a8_dynamic_linear` 
 packed int8 GEMM on x86, else torch._int_mm); weight-only int4 per-group layers on CUDA go
 through `diffq::w4a16_linear`;
 weight-only int8 / int4 layers with a few bf16 rows on CPU (LLM decode) go through torch's
-weight-only packed kernels. Every other scheme (dynamic Conv2d included) runs the pure-torch
-reference, which dequantizes and runs the float op."""
+weight-only packed kernels. Conv2d with dynamic int8 activations runs as a Linear over pixels
+(1x1, per-pixel scales) or through `diffq::w8a8_dynamic_conv2d` (kxk, one scale per image).
+Every other scheme runs the pure-torch reference, which dequantizes and runs the float op."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -55,12 +56,7 @@ def _w8a8_dynamic(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor
             and _int8_per_channel(weight.layout))
 
 
-def pointwise(shape: tuple[int, ...], stride, padding, dilation, groups: int) -> bool:
-    """A convolution of weight `shape` that is 1x1 with unit stride and no padding: a Linear
-    over the pixels."""
-    return (len(shape) == 4 and tuple(shape[2:]) == (1, 1) and groups == 1
-            and tuple(stride) == (1, 1) and not isinstance(padding, str) and tuple(padding) == (0, 0)
-            and tuple(dilation) == (1, 1))
+pointwise = reference.pointwise
 
 
 def _w8a8_dynamic_rows(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str) -> bool:
@@ -79,8 +75,10 @@ def kernel_of(layout, act, conv: bool, device: str = "cpu", pointwise: bool = Fa
             if device == "cuda":
                 return "Triton int8"
             return "oneDNN int8" if onednn.available() else "reference (int8 activations simulated)"
+        if device == "cpu" and onednn.available():
+            return "oneDNN int8 (dynamic)" if not conv or pointwise else "oneDNN int8 (dynamic, per image)"
         if not conv or pointwise:
-            return "oneDNN int8 (dynamic)" if onednn.available() else "int8 GEMM (torch._int_mm)"
+            return "int8 GEMM (torch._int_mm)"
     if act is None:
         if device == "cuda" and layout.format == "int4" and layout.group_size is not None:
             return "Triton w4a16"
@@ -213,6 +211,13 @@ def conv2d(
                                weight.layout, (weight.shape[0], c))
         y = linear(rows, flat, bias, replace(act, feature_axis=-1), cache, backend)
         return y.permute(0, 3, 1, 2)
+    if (backend == "auto" and reference.per_image(act, weight.shape, stride, padding, dilation, groups)
+            and act.zero_point is None and _int8_per_channel(weight.layout)
+            and not isinstance(padding, str) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        kernels, fast = _store(cache, backend)
+        return library.w8a8_dynamic_conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight),
+                                           bias, list(stride), list(padding), list(dilation), groups,
+                                           kernels, fast)
     if not _w8a8(weight, act, x, backend) or isinstance(padding, str):
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])

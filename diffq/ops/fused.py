@@ -105,6 +105,17 @@ def u8_static_nhwc(x: Tensor, scale: Tensor) -> Tensor:
     return _run_rows("static", rows, scale).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def u8_per_image_nhwc(x: Tensor, scale: Tensor) -> Tensor:
+    """Codes of an image batch x [N, C, H, W] with one scale per image (`scale` [N, 1, 1, 1]
+    fp32), as a channels-last u8 tensor."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.numel() < _SMALL:
+        codes = _u8_static(x, scale)
+    else:
+        codes = _run("static", x, scale)
+    return codes.contiguous(memory_format=torch.channels_last)
+
+
 def u8_dynamic(rows: Tensor) -> tuple[Tensor, Tensor]:
     """(u8 codes, fp32 scales [M, 1]) of rows [M, K]."""
     return _run_rows("dynamic", rows)

@@ -134,6 +134,31 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
     return y.contiguous(memory_format=_layout_of(x))
 
 
+@torch.library.custom_op("diffq::w8a8_dynamic_conv2d", mutates_args=())
+def w8a8_dynamic_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
+                        stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                        kernels: Kernels, fast: bool = False) -> Tensor:
+    """2-D convolution of dq(q(x)) with dq(W), x quantized per image at run time (symmetric
+    int8, `reference.per_image_scales`): oneDNN's int8 conv on CPU when `fast`."""
+    if _cpu_int8(x, fast) and onednn.available():
+        pack = kernels.get(("conv_dynamic", qweight.data_ptr()), lambda: onednn.pack_conv(
+            qweight, w_scale, [1.0], [qweight.shape[1] * groups], stride, padding, dilation, groups)[0])
+        y = onednn.conv2d_packed_dynamic(x, pack, w_scale, bias, stride, padding, dilation, groups)
+    else:
+        s = reference.per_image_scales(x)
+        xq = reference.int8_codes(x.float(), s).float().mul_(s).to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        y = F.conv2d(xq, _dequant_weight(qweight, w_scale, x.dtype), b, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=_layout_of(x))
+
+
+@w8a8_dynamic_conv2d.register_fake
+def _w8a8_dynamic_conv2d_fake(x, qweight, w_scale, bias, stride, padding, dilation, groups, kernels,
+                              fast=False):
+    y = F.conv2d(x, qweight.to(x.dtype), None, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=_layout_of(x))
+
+
 def _layout_of(x: Tensor) -> torch.memory_format:
     """The output layout of a conv on x, whichever kernel ran (so the fake can say it)."""
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

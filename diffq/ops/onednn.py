@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffq.ops import fused
+from diffq.ops import fused, reference
 
 _U8_ZP = 128
 
@@ -153,3 +153,19 @@ def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scale
     if split and bias is not None:
         out = out.add_(bias.to(out.dtype).reshape(1, -1, 1, 1))
     return out
+
+
+def conv2d_packed_dynamic(x: Tensor, pack: Tensor, w_scale: Tensor, bias, stride, padding,
+                          dilation, groups: int) -> Tensor:
+    """The W8A8 conv with x quantized per image at run time: codes on a conv packed for unit
+    input scale, fp32 out, then each image times its own scale (exact: one scale per image is
+    constant along every output's sums) and the bias, in x's dtype."""
+    s = reference.per_image_scales(x)
+    scales = _scales(w_scale, groups)
+    y = torch.ops.onednn.qconv2d_pointwise(
+        fused.u8_per_image_nhwc(x, s), 1.0, _U8_ZP, pack, scales, _zeros(len(scales)), None,
+        list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], None)
+    y = _join(y, 1, groups).mul_(s)
+    if bias is not None:
+        y = y.add_(bias.float().reshape(1, -1, 1, 1))
+    return y.to(x.dtype)

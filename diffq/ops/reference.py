@@ -39,6 +39,27 @@ def _dequant_input(x: torch.Tensor, act: ActQuant | None) -> torch.Tensor:
     return dequantize(q, qp, act.fmt, x.dtype)
 
 
+def pointwise(shape: tuple[int, ...], stride, padding, dilation, groups: int) -> bool:
+    """A convolution of weight `shape` that is 1x1 with unit stride and no padding: a Linear
+    over the pixels."""
+    return (len(shape) == 4 and tuple(shape[2:]) == (1, 1) and groups == 1
+            and tuple(stride) == (1, 1) and not isinstance(padding, str) and tuple(padding) == (0, 0)
+            and tuple(dilation) == (1, 1))
+
+
+def per_image(act: ActQuant | None, shape, stride, padding, dilation, groups: int) -> bool:
+    """Whether a convolution's dynamic int8 activations take one scale per image."""
+    return (act is not None and act.dynamic and act.fmt.name == "int8"
+            and not pointwise(shape, stride, padding, dilation, groups))
+
+
+def per_image_scales(x: torch.Tensor) -> torch.Tensor:
+    """One symmetric int8 scale per image of x [N, C, H, W], as [N, 1, 1, 1] fp32: what the
+    dynamic activations of a kxk convolution take (per-pixel scales vary inside the kernel
+    window, so they do not factor out of its sums; one scale per image does)."""
+    return choose_qparams(x.reshape(x.shape[0], -1), _INT8, PerToken(-1)).scale.reshape(-1, 1, 1, 1)
+
+
 def linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None
 ) -> torch.Tensor:
@@ -47,9 +68,16 @@ def linear(
 
 
 def conv2d(x, weight, bias, act, stride, padding, dilation, groups) -> torch.Tensor:
+    """Dynamic int8 activations: per pixel for a 1x1 convolution, per image otherwise (the
+    scales the int8 kernels can take)."""
     w = weight.dequantize(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    return F.conv2d(_dequant_input(x, act), w, b, stride, padding, dilation, groups)
+    if per_image(act, weight.shape, stride, padding, dilation, groups):
+        s = per_image_scales(x)
+        xq = dequantize(int8_codes(x, s), QParams(s), _INT8, x.dtype)
+    else:
+        xq = _dequant_input(x, act)
+    return F.conv2d(xq, w, b, stride, padding, dilation, groups)
 
 
 def per_channel_scales(scale: torch.Tensor, segments: list[int]) -> torch.Tensor:

@@ -75,4 +75,4 @@ def test_pointwise_conv_with_dynamic_pixels_runs_the_int8_gemm(dtype, tol, gen):
     assert fast.shape == ref.shape == (2, 8, 6, 5) and fast.dtype == dtype
     assert float((fast.float() - ref.float()).norm() / ref.float().norm()) < tol
     kinds = layer_kernels(nn.ModuleDict({"pw": layer, "kxk": kxk}))
-    assert kinds == {"pw": "oneDNN int8 (dynamic)", "kxk": "reference (int8 activations simulated)"}
+    assert kinds == {"pw": "oneDNN int8 (dynamic)", "kxk": "oneDNN int8 (dynamic, per image)"}

@@ -72,7 +72,10 @@ def test_kernel_of_names_the_real_kernels_and_the_simulated_schemes():
     assert kernel_of(w8, static, conv=False, device="cuda") == "Triton int8"
     assert kernel_of(w8, dynamic, conv=False) == ("oneDNN int8 (dynamic)" if onednn.available()
                                                   else "int8 GEMM (torch._int_mm)")
-    assert kernel_of(w8, dynamic, conv=True) == "reference (int8 activations simulated)"
+    assert kernel_of(w8, dynamic, conv=True) == ("oneDNN int8 (dynamic, per image)" if onednn.available()
+                                                 else "reference (int8 activations simulated)")
+    assert kernel_of(w8, dynamic, conv=True, device="cuda") == "reference (int8 activations simulated)"
+    assert kernel_of(w8, dynamic, conv=False, device="cuda") == "int8 GEMM (torch._int_mm)"
     assert kernel_of(w4, static, conv=False) == "reference (int8 activations simulated)"
     assert kernel_of(w4, None, conv=False) == "weight-only: dequantize + float"
     assert kernel_of(w4, None, conv=False, device="cuda") == "Triton w4a16"

@@ -88,6 +88,38 @@ def test_conv_with_skip_split_scales(gen):
     assert _rel(fast, ref) < 1e-5
 
 
+DYNAMIC = ActivationSpec(mode="dynamic", granularity="per_token")
+
+
+@pytest.mark.parametrize("kw", [*CONVS, dict(kernel_size=3, padding=1, groups=4)], ids=str)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_dynamic_conv_is_an_int8_conv_equal_to_the_reference(kw, dtype, tol, gen):
+    """kxk convolutions quantize their input per image at run time (1x1 ones per pixel) and
+    run oneDNN's int8 convolution: the same codes as the reference path."""
+    conv = nn.Conv2d(32, 24, **kw)
+    x = torch.randn(2, 32, 10, 10, generator=gen)
+    x[1] *= 30  # images of different range: each keeps its own scale
+    layer = QConv2d(conv, W8, DYNAMIC).to(dtype)
+    ref, fast = _both(layer, x.to(dtype))
+    assert fast.dtype == dtype and fast.shape == ref.shape
+    assert _rel(fast[0], ref[0]) < tol and _rel(fast[1], ref[1]) < tol
+
+
+def test_dynamic_conv_scales_are_per_image_for_kxk(gen):
+    """The reference grid of a kxk conv's dynamic input: one scale per image (max |x| / 127),
+    so an image's output does not depend on the other images of the batch."""
+    layer = QConv2d(nn.Conv2d(8, 8, 3, padding=1), W8, DYNAMIC)
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    with torch.no_grad():
+        alone = layer(x[:1])
+        x[1] *= 1000
+        assert torch.equal(layer(x)[:1], alone)
+        set_backend(layer, "reference")
+        xq = (x[0] / (x[0].abs().max() / 127)).round() * (x[0].abs().max() / 127)
+        ref = nn.functional.conv2d(xq[None], layer.quantized_weight.dequantize(), layer.bias, 1, 1)
+        torch.testing.assert_close(layer(x)[:1], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_calls_fall_back(gen):
     lin = nn.Linear(64, 32)
     x = torch.randn(4, 64, generator=gen)
