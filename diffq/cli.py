@@ -114,6 +114,8 @@ def _add_bench(sp: argparse.ArgumentParser) -> None:
     _option(sp, "--lora", S, "a diffusers LoRA folder loaded on every variant (denoiser rows)",
             type=Path)
     _option(sp, "--layers", S, "one denoiser row: also time its N largest layers alone", type=int)
+    sp.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (one "
+                    "process per eager variant, each building its row again)")
     _option(sp, "--out", S, "write the result as JSON to this file", type=Path)
     sp.set_defaults(func=_run_bench)
 
@@ -123,7 +125,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from diffq.commands.bench import BenchSettings, format_bench, run_bench
 
-    s = _settings(BenchSettings, args)
+    s = _settings(BenchSettings, args, memory=not args.no_memory)
     r = run_bench(s)
     print(format_bench(r))
     if s.out is not None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ class BenchSettings:
     compile: bool = False       # also bf16 and quantized under torch.compile (Inductor)
     lora: Path | None = None    # a diffusers LoRA folder loaded on every variant (denoiser rows)
     layers: int = 4             # one denoiser row: also time its N layers with the most MACs
+    memory: bool = True         # peak memory of each eager variant, one process each
     out: Path | None = None
 
 
@@ -125,18 +129,23 @@ def _with_lora(model: nn.Module, folder: Path) -> nn.Module:
     return model
 
 
+def variant(fp: nn.Module, name: str, calibration: list,
+            copy_: bool = True) -> tuple[nn.Module, torch.dtype]:
+    """The fp32 model `fp` as variant `name` ("fp32", "bf16" or a recipe: float ops in bf16,
+    images channels-last) and the dtype its inputs take; a copy unless `copy_` is false."""
+    if name == "fp32":
+        return fp, torch.float32
+    m = copy.deepcopy(fp) if copy_ else fp
+    if name != "bf16":
+        m = quantize(m, name, calibration=calibration)
+    return m.to(torch.bfloat16).to(memory_format=torch.channels_last), torch.bfloat16
+
+
 def _variants(built: Built, schemes: list[str], compile_: bool,
               lora: Path | None = None) -> dict[str, tuple[nn.Module, torch.dtype]]:
-    """fp32, bf16 and each scheme (float ops in bf16; images channels-last), each with the LoRA
-    adapter when one is given, plus compiled twins when asked."""
-    def bf16(m: nn.Module) -> nn.Module:
-        return m.to(torch.bfloat16).to(memory_format=torch.channels_last)
-
-    fp = built.model
-    out = {"fp32": (fp, torch.float32), "bf16": (bf16(copy.deepcopy(fp)), torch.bfloat16)}
-    for scheme in schemes:
-        q = quantize(copy.deepcopy(fp), scheme, calibration=built.calibration)
-        out[scheme] = (bf16(q), torch.bfloat16)
+    """fp32, bf16 and each scheme, each with the LoRA adapter when one is given, plus compiled
+    twins when asked."""
+    out = {k: variant(built.model, k, built.calibration) for k in ("fp32", "bf16", *schemes)}
     if lora is not None:
         out = {f"{k} +lora": (_with_lora(m, lora), dt) for k, (m, dt) in out.items()}
     if compile_:
@@ -162,7 +171,26 @@ def _bench_row(name: str, wl: Workload, schemes: list[str], s: BenchSettings, la
     }
     if layers and wl.unit == "step":
         row["layers"] = _layer_times(built, variants, layers, s)
+    if s.memory:
+        del variants, fns, built
+        row["peak_mib"] = {k: _peak_mib(name, k, batch, s) for k in secs if not k.endswith("+compile")}
     return row
+
+
+def _peak_mib(row: str, name: str, batch: int, s: BenchSettings) -> dict | None:
+    """Peak resident memory (MiB) of one call of variant `name` in a process holding only it,
+    and that process's after its imports (`diffq.commands.bench_memory`); None where it cannot
+    be read, with the reason on stderr."""
+    cmd = [sys.executable, "-m", "diffq.commands.bench_memory", "--row", row,
+           "--variant", name.removesuffix(" +lora"), "--batch", str(batch)]
+    cmd += ["--threads", str(s.threads)] if s.threads else []
+    cmd += ["--lora", str(s.lora)] if s.lora is not None else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"note: peak memory of {row} {name} not measured: {tail}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _layer_inputs(model: nn.Module, call, top: int) -> dict[str, torch.Tensor]:
@@ -208,9 +236,19 @@ def _layer_times(built: Built, variants: dict, top: int, s: BenchSettings) -> li
     return rows
 
 
+def _mib(m: dict | None) -> str:
+    """Peak MiB, and above the process's imports."""
+    if not m or m.get("peak_mib") is None:
+        return "-"
+    return f"{m['peak_mib']:,.0f} ({m['peak_mib'] - m['imports_mib']:+,.0f})"
+
+
 def format_bench(r: dict) -> str:
     md = Markdown().text(f"{r['threads']} threads; quantized and compiled variants keep their "
-                         "float ops in bf16; medians of interleaved repeats")
+                         "float ops in bf16; medians of interleaved repeats; peak MiB: resident "
+                         "memory at the high point of one call, in a process holding only that "
+                         "variant (eager variants), and in brackets above the same process after "
+                         "importing torch, diffusers and transformers")
     table = []
     for row in r["rows"]:
         unit = {"step": "s / step", "token": "ms / token", "batch": "ms / batch"}[row["unit"]]
@@ -218,8 +256,9 @@ def format_bench(r: dict) -> str:
         for k, sec in row["seconds_per_unit"].items():
             table.append((f"{row['row']} (batch {row['batch']})", k, f"{sec * mult:.4g} {unit}",
                           f"{row['speedup_vs_bf16'][k]:.2f}x", f"{row['speedup_vs_fp32'][k]:.2f}x",
-                          f"{row['weight_bytes'][k]:,}"))
-    md.table(["row", "variant", "time", "vs bf16", "vs fp32", "weight bytes"], table)
+                          f"{row['weight_bytes'][k]:,}", _mib(row.get("peak_mib", {}).get(k))))
+    md.table(["row", "variant", "time", "vs bf16", "vs fp32", "weight bytes",
+              "peak MiB (over imports)"], table)
     for row in r["rows"]:
         if row.get("layers"):
             names = list(row["layers"][0]["seconds"])

@@ -1,6 +1,7 @@
 """diffq calibrate / eval / compare end to end on the shipped reference pipeline (few steps)."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -242,9 +243,16 @@ def test_bench_table_and_json(kind, tmp_path, capsys):
         model = tmp_path / "pixart"
         build("pixart")[0].save_pretrained(model)
     out = tmp_path / "bench.json"
+    memory = [] if kind == "dit" else ["--no-memory"]  # one process per variant: measured once
     assert run("bench", "--model", model, "--repeats", "1", "--warmup", "0", "--layers", "1",
-               "--out", out) == 0
+               "--out", out, *memory) == 0
     (row,) = json.loads(out.read_text())["rows"]
+    if kind == "dit":
+        peak = row["peak_mib"]
+        assert set(peak) == {"fp32", "bf16", "w8a8"}
+        assert all(p["peak_mib"] >= p["resident_mib"] > p["imports_mib"] > 50 for p in peak.values())
+    else:
+        assert "peak_mib" not in row
     assert set(row["seconds_per_unit"]) == {"fp32", "bf16", "w8a8"}
     assert all(0 < t < 60 for t in row["seconds_per_unit"].values())
     assert row["speedup_vs_bf16"]["bf16"] == 1.0
@@ -254,6 +262,7 @@ def test_bench_table_and_json(kind, tmp_path, capsys):
     assert len(row["layers"]) == 1 and set(row["layers"][0]["seconds"]) == {"fp32", "bf16", "w8a8"}
     printed = capsys.readouterr().out
     assert "| row | variant |" in printed and "largest layers alone" in printed
+    assert bool(re.search(r"\| [\d,]+ \(\+[\d,]+\) \|", printed)) == (kind == "dit")  # peak (over imports)
 
 
 def test_mixed_precision_calibrate_writes_allocation_and_figures(tmp_path):
