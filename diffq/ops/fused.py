@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_QMIN, _QMAX, _ZP = -128.0, 127.0, 128
+# ints, not floats: dynamo passes float globals into the compiled graph as run-time inputs,
+# which kept Inductor from vectorizing the clamp (2048 x 1536 bf16 per-token codes: 1.7 ms with
+# float bounds, 0.9 ms with these)
+_QMIN, _QMAX, _ZP = -128, 127, 128
 
 
 def _u8_static(x: Tensor, scale: Tensor) -> Tensor:
