@@ -103,11 +103,7 @@ class QuantizedLayer(nn.Module):
         """x times the per-input-channel `input_scale` (when the layer has one), in float32 so
         that half-precision inputs see the same factor the weight was multiplied by."""
         s = getattr(self, "input_scale", None)
-        if s is None:
-            return x
-        shape = [1] * x.dim()
-        shape[self.feature_axis] = -1
-        return (x * s.reshape(shape)).to(x.dtype)
+        return x if s is None else ops.scale_input(x, s, self.feature_axis)
 
     @staticmethod
     def _quantize_or_shape(weight: torch.Tensor, spec: WeightSpec, empty: bool,

@@ -51,7 +51,12 @@ def _rescale(y: Tensor, row_scale: Tensor, bias: Tensor | None, dtype: torch.dty
     return apply_post(y if bias is None else y + bias.float(), post).to(dtype)
 
 
-_EAGER = {"static": _u8_static, "dynamic": _u8_dynamic, "rescale": _rescale}
+def _scaled(x: Tensor, factor: Tensor) -> Tensor:
+    """x times a broadcastable fp32 factor, computed in fp32, back in x's dtype."""
+    return (x.float() * factor).to(x.dtype)
+
+
+_EAGER = {"static": _u8_static, "dynamic": _u8_dynamic, "rescale": _rescale, "scaled": _scaled}
 # Compiled twins, made on first use; a function whose compile fails once stays eager (a fact
 # of this host: no compiler).
 _COMPILED: dict[str, object] = {}
@@ -117,6 +122,13 @@ def u8_per_image_nhwc(x: Tensor, scale: Tensor) -> Tensor:
     else:
         codes = _run("static", x, scale)
     return codes.contiguous(memory_format=torch.channels_last)
+
+
+def scaled(x: Tensor, factor: Tensor) -> Tensor:
+    """x [..., C] times a per-channel fp32 factor [C] (SmoothQuant / AWQ input scales), in x's
+    dtype: one pass instead of eager's fp32 product and cast."""
+    rows = x.reshape(-1, x.shape[-1])
+    return _run_rows("scaled", rows, factor).reshape(x.shape)
 
 
 def u8_dynamic(rows: Tensor) -> tuple[Tensor, Tensor]:

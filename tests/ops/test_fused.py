@@ -22,6 +22,15 @@ def test_codes_equal_the_reference_grid(dtype, rows, gen):
     assert torch.equal(u8.to(torch.int16) - 128, codes.to(torch.int16)) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("rows", [3, 300])
+def test_smoothing_factor_in_one_pass(rows, gen):
+    """x times a SmoothQuant factor, one pass: the fp32 product rounded to x's dtype, bit for bit."""
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    pre = torch.logspace(-1, 1, 96)
+    scaled = fused.scaled(x, pre)
+    assert scaled.dtype == torch.bfloat16 and torch.equal(scaled, (x * pre).bfloat16())
+
+
 def test_nhwc_codes_keep_the_image_layout(gen):
     x = torch.randn(2, 16, 24, 24, generator=gen).to(memory_format=torch.channels_last)
     u8 = fused.u8_static_nhwc(x, torch.tensor([0.02]))
