@@ -65,6 +65,15 @@ def _w8a8_dynamic_rows(weight: QuantizedWeight, act: ActQuant | None, x: torch.T
             and _w8a8_dynamic(weight, replace(act, feature_axis=-1), x.movedim(1, -1), backend))
 
 
+def _w8a8_dynamic_image(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str,
+                        stride, padding, dilation, groups: int) -> bool:
+    """Dynamic int8 activations of a kxk convolution (one scale per image) with int8
+    per-channel weights: the int8 convolution."""
+    return (backend == "auto" and reference.per_image(act, weight.shape, stride, padding, dilation, groups)
+            and act.zero_point is None and _int8_per_channel(weight.layout) and not isinstance(padding, str)
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
 def kernel_of(layout, act, conv: bool, device: str = "cpu", pointwise: bool = False) -> str:
     """The compute a layer with weight `layout` and activation spec `act` (None: weight-only)
     runs on `device` for float inputs of many rows: what the report lists per layer (`pointwise`:
@@ -191,12 +200,13 @@ def linear(
                                                      bias, weight.layout.group_size), post)
     kernels, fast = _store(cache, backend)
     if _w8a8_dynamic(weight, act, x, backend):
-        return library.w8a8_dynamic_linear(x, weight.data, _scale_vector(weight), bias, kernels, fast,
-                                           post)
+        return library.call("w8a8_dynamic_linear", x, weight.data, _scale_vector(weight), bias,
+                            kernels, fast, post)
     if not _w8a8(weight, act, x, backend):
         return fused.apply_post(reference.linear(x, weight, bias, act), post)
     xs, _ = _segment_scales(act, x.shape[-1])
-    return library.w8a8_linear(x, weight.data, _scale_vector(weight), bias, xs, kernels, fast, post)
+    return library.call("w8a8_linear", x, weight.data, _scale_vector(weight), bias, xs, kernels,
+                        fast, post)
 
 
 def conv2d(
@@ -221,17 +231,15 @@ def conv2d(
                                weight.layout, (weight.shape[0], c))
         y = linear(rows, flat, bias, replace(act, feature_axis=-1), cache, backend)
         return y.permute(0, 3, 1, 2)
-    if (backend == "auto" and reference.per_image(act, weight.shape, stride, padding, dilation, groups)
-            and act.zero_point is None and _int8_per_channel(weight.layout)
-            and not isinstance(padding, str) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    if _w8a8_dynamic_image(weight, act, x, backend, stride, padding, dilation, groups):
         kernels, fast = _store(cache, backend)
-        return library.w8a8_dynamic_conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight),
-                                           bias, list(stride), list(padding), list(dilation), groups,
-                                           kernels, fast)
+        return library.call("w8a8_dynamic_conv2d", x, weight.data.reshape(weight.shape),
+                            _scale_vector(weight), bias, list(stride), list(padding), list(dilation),
+                            groups, kernels, fast)
     if not _w8a8(weight, act, x, backend) or isinstance(padding, str):
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])
     kernels, fast = _store(cache, backend)
-    return library.w8a8_conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight), bias,
-                               scales, segments, list(stride), list(padding), list(dilation), groups,
-                               kernels, fast)
+    return library.call("w8a8_conv2d", x, weight.data.reshape(weight.shape), _scale_vector(weight),
+                        bias, scales, segments, list(stride), list(padding), list(dilation), groups,
+                        kernels, fast)

@@ -27,6 +27,21 @@ def _conv_args(gen, fast=False):
 def test_opcheck(gen):
     torch.library.opcheck(torch.ops.diffq.w8a8_linear.default, _linear_args(gen))
     torch.library.opcheck(torch.ops.diffq.w8a8_conv2d.default, _conv_args(gen))
+    conv = _conv_args(gen)
+    torch.library.opcheck(torch.ops.diffq.w8a8_dynamic_conv2d.default, (*conv[:4], *conv[6:]))
+
+
+def test_eager_cpu_calls_skip_the_dispatcher_with_the_same_result(gen):
+    """library.call runs an op's implementation directly for eager CPU tensors: the same
+    output as through torch.ops, for every op it serves."""
+    assert set(library._DIRECT) == {"w8a8_linear", "w8a8_dynamic_linear", "w8a8_conv2d",
+                                    "w8a8_dynamic_conv2d"}
+    lin, conv = _linear_args(gen, fast=True), _conv_args(gen, fast=True)
+    dyn_conv = (*conv[:4], *conv[6:])  # no activation scales or segments
+    for name, args in (("w8a8_linear", lin), ("w8a8_conv2d", conv), ("w8a8_dynamic_conv2d", dyn_conv),
+                       ("w8a8_dynamic_linear", (*lin[:4], *lin[5:]))):
+        torch.testing.assert_close(library.call(name, *args), getattr(torch.ops.diffq, name)(*args),
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
