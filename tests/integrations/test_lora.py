@@ -88,34 +88,44 @@ def test_the_adapter_changes_the_quantized_model_as_it_changes_the_float_one(ada
     assert cos > 0.99 and abs(effect_q.norm() / effect_fp.norm() - 1) < 0.05
 
 
+def adapter_lifecycle(pipe, denoiser, out, a, b, check_both=lambda: None):
+    """Two adapters through diffusers' set_adapters / disable / enable / unload on a quantized
+    pipeline whose denoiser is `denoiser()` and output `out()`; `check_both()` runs while both
+    are active (a at 1.0, b at 0.5)."""
+    base = out()
+    pipe.load_lora_weights(a, adapter_name="a")
+    only_a = out()
+    pipe.load_lora_weights(b, adapter_name="b")
+    pipe.set_adapters(["a"], [1.0])
+    torch.testing.assert_close(out(), only_a)
+    pipe.set_adapters(["a", "b"], [0.0, 1.0])
+    assert not torch.allclose(out(), only_a)
+    pipe.set_adapters(["a", "b"], [1.0, 0.5])
+    both = out()
+    check_both()
+    pipe.disable_lora()
+    torch.testing.assert_close(out(), base)
+    pipe.enable_lora()
+    torch.testing.assert_close(out(), both)
+    pipe.unload_lora_weights()
+    assert not _wrapped(denoiser()) and any(isinstance(m, QLinear) for m in denoiser().modules())
+    torch.testing.assert_close(out(), base)
+
+
 def test_set_adapters_disable_enable_unload(adapters):
     pipe = _quantized_pipe()
-    base = _unet_out(pipe.unet)
-    pipe.load_lora_weights(adapters[0], adapter_name="a")
-    only_a = _unet_out(pipe.unet)
-    pipe.load_lora_weights(adapters[1], adapter_name="b")
-    pipe.set_adapters(["a"], [1.0])
-    torch.testing.assert_close(_unet_out(pipe.unet), only_a)
-    pipe.set_adapters(["a", "b"], [0.0, 1.0])
-    only_b = _unet_out(pipe.unet)
-    assert not torch.allclose(only_b, only_a)
-    pipe.set_adapters(["a", "b"], [1.0, 0.5])
-    both = _unet_out(pipe.unet)
-    # layer by layer, each adapter's weighted branch adds to the same quantized base
-    layer = _wrapped(pipe.unet)["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
-    x = torch.randn(2, 16, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        branch = {n: layer.lora_B[n](layer.lora_A[n](x)) * layer.scaling[n] for n in ("a", "b")}
-        torch.testing.assert_close(layer(x), layer.base_layer(x) + branch["a"] + branch["b"],
-                                   rtol=1e-5, atol=1e-6)  # scaling["b"] already holds the 0.5
-    pipe.disable_lora()
-    torch.testing.assert_close(_unet_out(pipe.unet), base)
-    pipe.enable_lora()
-    torch.testing.assert_close(_unet_out(pipe.unet), both)
-    pipe.unload_lora_weights()
-    assert not _wrapped(pipe.unet)
+
+    def layer_by_layer():
+        # each adapter's weighted branch adds to the same quantized base
+        layer = _wrapped(pipe.unet)["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+        x = torch.randn(2, 16, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            branch = {n: layer.lora_B[n](layer.lora_A[n](x)) * layer.scaling[n] for n in ("a", "b")}
+            torch.testing.assert_close(layer(x), layer.base_layer(x) + branch["a"] + branch["b"],
+                                       rtol=1e-5, atol=1e-6)  # scaling["b"] already holds the 0.5
+
+    adapter_lifecycle(pipe, lambda: pipe.unet, lambda: _unet_out(pipe.unet), *adapters, layer_by_layer)
     assert isinstance(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, QLinear)
-    torch.testing.assert_close(_unet_out(pipe.unet), base)
 
 
 def test_fuse_lora_is_refused_in_one_line(adapters):
