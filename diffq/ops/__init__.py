@@ -17,7 +17,7 @@ import torch
 
 from diffq.core.weights import QuantizedWeight
 from diffq.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels; no triton import)
-from diffq.ops import fused, library, onednn, reference
+from diffq.ops import fused, library, onednn, reference, traced
 from diffq.ops.kernels import Kernels
 from diffq.ops.types import ActQuant
 
@@ -63,6 +63,12 @@ def _w8a8_dynamic_rows(weight: QuantizedWeight, act: ActQuant | None, x: torch.T
     """Dynamic per-pixel int8 activations (scales along the channel axis) on an image batch."""
     return (act is not None and act.dynamic and act.feature_axis in (1, -3) and x.dim() == 4
             and _w8a8_dynamic(weight, replace(act, feature_axis=-1), x.movedim(1, -1), backend))
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """A CPU call inside torch.compile: the W8A8 ops split into traceable quantization and
+    rescale around the bare int8 kernel (`diffq.ops.traced`)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
 
 
 def _w8a8_dynamic_image(weight: QuantizedWeight, act: ActQuant | None, x: torch.Tensor, backend: str,
@@ -200,11 +206,15 @@ def linear(
                                                      bias, weight.layout.group_size), post)
     kernels, fast = _store(cache, backend)
     if _w8a8_dynamic(weight, act, x, backend):
+        if _traced(x):
+            return traced.linear(x, weight.data, _scale_vector(weight), bias, None, kernels, fast, post)
         return library.call("w8a8_dynamic_linear", x, weight.data, _scale_vector(weight), bias,
                             kernels, fast, post)
     if not _w8a8(weight, act, x, backend):
         return fused.apply_post(reference.linear(x, weight, bias, act), post)
     xs, _ = _segment_scales(act, x.shape[-1])
+    if _traced(x):
+        return traced.linear(x, weight.data, _scale_vector(weight), bias, xs, kernels, fast, post)
     return library.call("w8a8_linear", x, weight.data, _scale_vector(weight), bias, xs, kernels,
                         fast, post)
 
@@ -233,6 +243,10 @@ def conv2d(
         return y.permute(0, 3, 1, 2)
     if _w8a8_dynamic_image(weight, act, x, backend, stride, padding, dilation, groups):
         kernels, fast = _store(cache, backend)
+        if _traced(x):
+            return traced.conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight), bias, None,
+                                 [x.shape[1]], list(stride), list(padding), list(dilation), groups,
+                                 kernels, fast)
         return library.call("w8a8_dynamic_conv2d", x, weight.data.reshape(weight.shape),
                             _scale_vector(weight), bias, list(stride), list(padding), list(dilation),
                             groups, kernels, fast)
@@ -240,6 +254,9 @@ def conv2d(
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])
     kernels, fast = _store(cache, backend)
+    if _traced(x) and (groups == 1 or len(segments) == 1):
+        return traced.conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight), bias, scales,
+                             segments, list(stride), list(padding), list(dilation), groups, kernels, fast)
     return library.call("w8a8_conv2d", x, weight.data.reshape(weight.shape), _scale_vector(weight),
                         bias, scales, segments, list(stride), list(padding), list(dilation), groups,
                         kernels, fast)

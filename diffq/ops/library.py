@@ -169,8 +169,8 @@ def w8a8_dynamic_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tenso
     """2-D convolution of dq(q(x)) with dq(W), x quantized per image at run time (symmetric
     int8, `reference.per_image_scales`): oneDNN's int8 conv on CPU when `fast`."""
     if _cpu_int8(x, fast) and onednn.available():
-        pack = kernels.get(("conv_dynamic", qweight.data_ptr()), lambda: onednn.pack_conv(
-            qweight, w_scale, [1.0], [qweight.shape[1] * groups], stride, padding, dilation, groups)[0])
+        pack = kernels.get(("conv_u8", qweight.data_ptr(), 0, qweight.shape[1] * groups),
+                           lambda: onednn.pack_conv_u8(qweight, w_scale, stride, padding, dilation, groups))
         y = onednn.conv2d_packed_dynamic(x, pack, w_scale, bias, stride, padding, dilation, groups)
     else:
         s = reference.per_image_scales(x)
@@ -198,6 +198,68 @@ def _w8a8_conv2d_fake(x, qweight, w_scale, bias, x_scales, segments, stride, pad
                       groups, kernels, fast=False):
     y = F.conv2d(x, qweight.to(x.dtype), None, stride, padding, dilation, groups)
     return y.contiguous(memory_format=_layout_of(x))
+
+
+def _int8_rows(u8: Tensor) -> Tensor:
+    """oneDNN's u8 codes back to the int8 codes they hold."""
+    return (u8.to(torch.int16) - 128).to(torch.int8)
+
+
+@torch.library.custom_op("diffq::u8_linear", mutates_args=())
+def u8_linear(u8: Tensor, qweight: Tensor, w_scale: Tensor, kernels: Kernels, fast: bool = False) -> Tensor:
+    """fp32 (u8 - 128) @ W^T * w_scale: the int8 GEMM alone, on oneDNN's codes u8 [..., K]
+    (int8 code + 128), qweight int8 [N, K], w_scale [N]. What torch.compile calls on CPU, with
+    the quantization and the activation rescale traced around it (`diffq.ops.traced`), so
+    Inductor fuses them into the ops that produce the input and consume the output. oneDNN when
+    `fast`, else torch._int_mm."""
+    rows = u8.reshape(-1, u8.shape[-1])
+    if fast and u8.device.type == "cpu" and onednn.available():
+        y = onednn.linear_u8(rows, _linear_pack(qweight, kernels), w_scale)
+    else:
+        w_t = kernels.get(("w_t", qweight.data_ptr()), lambda: _transposed(qweight))
+        codes = _int8_rows(rows).contiguous()
+        acc = torch._int_mm(codes, w_t) if _int_mm_fits(codes, w_t) else codes.float() @ w_t.float()
+        y = acc.float() * w_scale.float()
+    return y.reshape(*u8.shape[:-1], qweight.shape[0])
+
+
+@u8_linear.register_fake
+def _u8_linear_fake(u8, qweight, w_scale, kernels, fast=False):
+    return u8.new_empty(*u8.shape[:-1], qweight.shape[0], dtype=torch.float32)
+
+
+def _input_slice(qweight: Tensor, start: int, channels: int, groups: int) -> Tensor:
+    """The weight columns of input channels [start, start + channels) (all of them if that is
+    the whole input)."""
+    if start == 0 and channels == qweight.shape[1] * groups:
+        return qweight
+    return qweight[:, start:start + channels]
+
+
+@torch.library.custom_op("diffq::u8_conv2d", mutates_args=())
+def u8_conv2d(u8: Tensor, qweight: Tensor, w_scale: Tensor, cin_start: int, stride: list[int],
+              padding: list[int], dilation: list[int], groups: int, kernels: Kernels,
+              fast: bool = False) -> Tensor:
+    """fp32 conv(u8 - 128, W[:, cin_start : cin_start + C]) * w_scale: the int8 convolution
+    alone on channels-last codes u8 [N, C, H, W] (one channel segment of the layer's input when
+    cin_start > 0 or C is less than the weight's), for torch.compile as `u8_linear`."""
+    w = _input_slice(qweight, cin_start, u8.shape[1], groups)
+    if fast and u8.device.type == "cpu" and onednn.available():
+        pack = kernels.get(("conv_u8", qweight.data_ptr(), cin_start, u8.shape[1]),
+                           lambda: onednn.pack_conv_u8(w.contiguous(), w_scale, stride, padding, dilation,
+                                                       groups))
+        y = onednn.conv2d_u8(u8, pack, w_scale, stride, padding, dilation, groups)
+    else:
+        y = F.conv2d(_int8_rows(u8).float(), w.float(), None, stride, padding, dilation, groups)
+        y = y * w_scale.float().reshape(1, -1, 1, 1)
+    return y.contiguous(memory_format=_layout_of(u8))
+
+
+@u8_conv2d.register_fake
+def _u8_conv2d_fake(u8, qweight, w_scale, cin_start, stride, padding, dilation, groups, kernels, fast=False):
+    w = _input_slice(qweight, cin_start, u8.shape[1], groups)
+    y = F.conv2d(u8.float(), w.float(), None, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=_layout_of(u8))
 
 
 @torch.library.custom_op("diffq::w4a16_linear", mutates_args=())

@@ -121,17 +121,23 @@ def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Ten
     return fused.apply_post(y, post)
 
 
-def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias, post: str = "") -> Tensor:
-    """The W8A8 linear with x quantized per token at run time: codes on the packed int8 GEMM
-    with unit input scale, fp32 out, then each row times its own scale (exact: the scale is
-    constant along the reduction)."""
-    k = x.shape[-1]
-    u8, s = fused.u8_dynamic(x.reshape(-1, k))
+def linear_u8(u8: Tensor, packed: Tensor, w_scale: Tensor) -> Tensor:
+    """fp32 (u8 - 128) @ W^T * w_scale for rows of codes u8 [M, K]: the packed int8 GEMM with
+    unit input scale (the caller applies the activation scales to its output)."""
     scales = _scales(w_scale)
     y = torch.ops.onednn.qlinear_pointwise(
         u8, 1.0, _U8_ZP, packed, scales, _zeros(len(scales)), None, 1.0, 0, torch.float32,
         "none", [], "")
-    return fused.rescale(_join(y, 1), s, bias, x.dtype, post).reshape(*x.shape[:-1], -1)
+    return _join(y, 1)
+
+
+def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias, post: str = "") -> Tensor:
+    """The W8A8 linear with x quantized per token at run time: codes on the packed int8 GEMM
+    with unit input scale, fp32 out, then each row times its own scale (exact: the scale is
+    constant along the reduction)."""
+    u8, s = fused.u8_dynamic(x.reshape(-1, x.shape[-1]))
+    y = linear_u8(u8, packed, w_scale)
+    return fused.rescale(y, s, bias, x.dtype, post).reshape(*x.shape[:-1], -1)
 
 
 def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: Tensor,
@@ -155,17 +161,29 @@ def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scale
     return out
 
 
+def pack_conv_u8(qweight: Tensor, w_scale: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """A convolution pack for codes with unit input scale (`conv2d_u8`)."""
+    return pack_conv(qweight, w_scale, [1.0], [qweight.shape[1] * groups], stride, padding, dilation,
+                     groups)[0]
+
+
+def conv2d_u8(u8: Tensor, pack: Tensor, w_scale: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """fp32 conv((u8 - 128), W) * w_scale of channels-last codes u8 [N, C, H, W] (a pack from
+    `pack_conv_u8`; the caller applies the activation scales and the bias)."""
+    scales = _scales(w_scale, groups)
+    y = torch.ops.onednn.qconv2d_pointwise(
+        u8, 1.0, _U8_ZP, pack, scales, _zeros(len(scales)), None, list(stride), list(padding),
+        list(dilation), groups, 1.0, 0, torch.float32, "none", [], None)
+    return _join(y, 1, groups)
+
+
 def conv2d_packed_dynamic(x: Tensor, pack: Tensor, w_scale: Tensor, bias, stride, padding,
                           dilation, groups: int) -> Tensor:
     """The W8A8 conv with x quantized per image at run time: codes on a conv packed for unit
     input scale, fp32 out, then each image times its own scale (exact: one scale per image is
     constant along every output's sums) and the bias, in x's dtype."""
     s = reference.per_image_scales(x)
-    scales = _scales(w_scale, groups)
-    y = torch.ops.onednn.qconv2d_pointwise(
-        fused.u8_per_image_nhwc(x, s), 1.0, _U8_ZP, pack, scales, _zeros(len(scales)), None,
-        list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], None)
-    y = _join(y, 1, groups).mul_(s)
+    y = conv2d_u8(fused.u8_per_image_nhwc(x, s), pack, w_scale, stride, padding, dilation, groups).mul_(s)
     if bias is not None:
         y = y.add_(bias.float().reshape(1, -1, 1, 1))
     return y.to(x.dtype)
