@@ -5,7 +5,10 @@
 2. activation quantization: `reference.quantize_act` (eager ops) vs `diffq.ops.fused` (one
    Inductor-generated pass), same codes;
 3. GELU after a feed-forward GEMM: fused as oneDNN's post-op vs PyTorch's bf16 F.gelu after it
-   (and vs a compiled fp32 pass, which diffq tried and dropped: no faster).
+   (and vs a compiled fp32 pass, which diffq tried and dropped: no faster);
+4. attention: bf16 SDPA (PyTorch's CPU flash attention) vs an int8 QK^T path built from the
+   int8 GEMMs there are (torch._int_mm per head on SageAttention's codes, scores materialized,
+   fp32 softmax, bf16 PV), at SD1.5's and SD3-medium's largest attention shapes.
 
     python samples/bench_cpu_ops.py [--threads 1]
 """
@@ -82,6 +85,26 @@ def gelu(g: torch.Generator) -> None:
           f"compiled fp32 {ms(lambda: compiled(y)):.2f} ms")
 
 
+ATTENTION = [("SD1.5 64x64 self-attention, 1 of 16 batch x heads", 4096, 4096, 40),
+             ("SD3-medium joint attention, 1 of 48 batch x heads", 4429, 4429, 64)]
+
+
+def attention(g: torch.Generator) -> None:
+    print("\n| shape (one head) | bf16 SDPA ms | int8 QK^T + fp32 softmax + bf16 PV ms | of which QK^T ms |")
+    print("|---|---|---|---|")
+    for label, lq, lk, d in ATTENTION:
+        q, k, v = (torch.randn(1, 1, n, d, generator=g).bfloat16() for n in (lq, lk, lk))
+        qi = torch.randint(-127, 128, (lq, d), generator=g, dtype=torch.int8)
+        kt = torch.randint(-127, 128, (d, lk), generator=g, dtype=torch.int8)
+
+        def int8_path():
+            scores = torch._int_mm(qi, kt).float() * 1e-4
+            return scores.softmax(-1).bfloat16() @ v[0, 0]
+        sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v), n=10)
+        print(f"| {label}: {lq} x {lk} x {d} | {sdpa:.2f} | {ms(int8_path, n=10):.2f} | "
+              f"{ms(lambda: torch._int_mm(qi, kt), n=10):.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -93,6 +116,7 @@ def main() -> None:
         gemms(g)
         quantize(g)
         gelu(g)
+        attention(g)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,11 @@ def u8_static(x: Tensor, scale: Tensor) -> Tensor:
 def u8_static_nhwc(x: Tensor, scale: Tensor) -> Tensor:
     """Codes of an image batch x [N, C, H, W] as a channels-last u8 tensor."""
     n, c, h, w = x.shape
+    if x.is_contiguous() and scale.numel() == 1 and not x.is_contiguous(memory_format=torch.channels_last):
+        # an NCHW input with one scale: codes in its own layout, then the u8 (not the
+        # wider float) turned channels-last
+        codes = _run_rows("static", x.reshape(-1, h * w), scale).view(n, c, h, w)
+        return codes.contiguous(memory_format=torch.channels_last)
     rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c)
     return _run_rows("static", rows, scale).view(n, h, w, c).permute(0, 3, 1, 2)
 

@@ -31,8 +31,9 @@ def test_smoothing_factor_in_one_pass(rows, gen):
     assert scaled.dtype == torch.bfloat16 and torch.equal(scaled, (x * pre).bfloat16())
 
 
-def test_nhwc_codes_keep_the_image_layout(gen):
-    x = torch.randn(2, 16, 24, 24, generator=gen).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_nhwc_codes_are_channels_last_whatever_the_input_layout(gen, layout):
+    x = torch.randn(2, 16, 24, 24, generator=gen).to(memory_format=layout)
     u8 = fused.u8_static_nhwc(x, torch.tensor([0.02]))
     assert u8.shape == x.shape and u8.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(u8.to(torch.int16) - 128, reference.int8_codes(x, torch.tensor(0.02)).to(torch.int16))
