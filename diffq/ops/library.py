@@ -191,7 +191,7 @@ def _layout_of(x: Tensor) -> torch.memory_format:
     """The output layout of a quantized conv on x, whichever kernel ran (so the fake can say
     it): channels-last on CPU, where oneDNN's int8 convolution computes in NHWC (as PyTorch's
     own convolution answers with channels-last weights; turning each output back to an NCHW
-    input's layout cost SD1.5 W8A8 about 160 ms a step in copies); else x's layout."""
+    input's layout cost SD1.5 W8A8 about 250 ms a step in copies); else x's layout."""
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if nhwc or x.device.type == "cpu" else torch.contiguous_format
 
