@@ -16,9 +16,12 @@ import argparse
 import ctypes
 import gc
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+from diffq.errors import DiffqError
 
 _STATUS = Path("/proc/self/status")
 
@@ -89,7 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(json.dumps(measure(a.row, a.variant, a.batch, a.lora)))
+    try:
+        print(json.dumps(measure(a.row, a.variant, a.batch, a.lora)))
+    except DiffqError as e:  # the one line the parent shows
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

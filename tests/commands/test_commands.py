@@ -340,6 +340,19 @@ def test_global_switches_are_restored():
     assert dlog.is_progress_bar_enabled() == was
 
 
+def test_bench_memory_failure_is_one_line_and_no_number(capsys):
+    """A variant whose memory process fails (here: a row it cannot build) leaves the column
+    empty for it and says why in one line, instead of failing the bench or printing a number."""
+    from diffq.commands.bench import BenchSettings, _mib, _peak_mib
+
+    assert _peak_mib("sd99", "bf16", 2, BenchSettings()) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: peak memory of sd99 bf16 not measured: ")
+    assert err[0].endswith("error: --model 'sd99': not a pipeline folder nor a bench row "
+                           "(tiny-sd, sd15, sd3, bert, llm-decode, all)")
+    assert _mib(None) == "-" and _mib({"peak_mib": 700.0, "imports_mib": 400.0}) == "700 (+300)"
+
+
 def test_bench_repeats_are_interleaved():
     from diffq.commands.bench import interleaved
 
