@@ -8,7 +8,10 @@ through `diffq::w4a16_linear`;
 weight-only int8 / int4 layers with a few bf16 rows on CPU (LLM decode) go through torch's
 weight-only packed kernels. Conv2d with dynamic int8 activations runs as a Linear over pixels
 (1x1, per-pixel scales) or through `diffq::w8a8_dynamic_conv2d` (kxk, one scale per image).
-Every other scheme runs the pure-torch reference, which dequantizes and runs the float op."""
+Every other scheme runs the pure-torch reference, which dequantizes and runs the float op.
+Eager CPU calls run the W8A8 ops' implementations without the dispatcher (`library.call`);
+inside torch.compile on CPU they are split into traced quantization and rescale around bare
+int8 kernels (`diffq.ops.traced`)."""
 from __future__ import annotations
 
 from dataclasses import replace
