@@ -9,7 +9,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from diffq.errors import CheckpointError
 from diffq.integrations.hf import QUANT_METHOD, DiffqConfigMixin, finish, prepare
-from diffq.nn.adapters import is_adapter_tensor, plain_name
+from diffq.nn.adapters import base_tensors
 from diffq.nn.base import QuantizedLayer
 
 
@@ -83,7 +83,7 @@ class DiffqQuantizer(DiffusersQuantizer):
     def get_state_dict_and_metadata(self, state_dict, safe_serialization: bool = False):
         # a loaded LoRA adapter is not part of the quantized model: its tensors are left out and
         # the layers it wraps saved under their own names (the adapter: save_lora_weights)
-        return {plain_name(k): v for k, v in state_dict.items() if not is_adapter_tensor(k)}, {}
+        return base_tensors(state_dict), {}
 
     @property
     def is_serializable(self) -> bool:

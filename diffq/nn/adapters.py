@@ -19,6 +19,10 @@ def is_adapter_tensor(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
+def base_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without adapter tensors, under the names the model has unadapted."""
+    return {plain_name(k): v for k, v in state.items() if not is_adapter_tensor(k)}
+
+
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """model.state_dict() without adapter tensors, under the names the model has unadapted."""
-    return {plain_name(k): v for k, v in model.state_dict().items() if not is_adapter_tensor(k)}
+    return base_tensors(model.state_dict())

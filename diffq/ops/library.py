@@ -71,10 +71,14 @@ def call(name: str, *args):
     return _DIRECT[name](*args)
 
 
+def _onednn(t: Tensor, fast: bool) -> bool:
+    """Whether a call on `t` runs oneDNN's int8 kernels (packed into the layer's `kernels`)."""
+    return fast and t.device.type == "cpu" and onednn.available()
+
+
 def _cpu_int8(x: Tensor, fast: bool) -> bool:
-    """Whether this call runs oneDNN's int8 kernels (packed into the layer's `kernels`)."""
-    return (fast and x.device.type == "cpu" and onednn.available()
-            and x.dtype in (torch.float32, torch.bfloat16))
+    """`_onednn` for a float input the op quantizes itself."""
+    return _onednn(x, fast) and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def _linear_pack(qweight: Tensor, kernels: Kernels) -> Tensor:
@@ -168,15 +172,14 @@ def w8a8_dynamic_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tenso
                         kernels: Kernels, fast: bool = False) -> Tensor:
     """2-D convolution of dq(q(x)) with dq(W), x quantized per image at run time (symmetric
     int8, `reference.per_image_scales`): oneDNN's int8 conv on CPU when `fast`."""
-    if _cpu_int8(x, fast) and onednn.available():
+    if _cpu_int8(x, fast):
         pack = kernels.get(("conv_u8", qweight.data_ptr(), 0, qweight.shape[1] * groups),
                            lambda: onednn.pack_conv_u8(qweight, w_scale, stride, padding, dilation, groups))
         y = onednn.conv2d_packed_dynamic(x, pack, w_scale, bias, stride, padding, dilation, groups)
     else:
-        s = reference.per_image_scales(x)
-        xq = reference.int8_codes(x.float(), s).float().mul_(s).to(x.dtype)
         b = None if bias is None else bias.to(x.dtype)
-        y = F.conv2d(xq, _dequant_weight(qweight, w_scale, x.dtype), b, stride, padding, dilation, groups)
+        y = F.conv2d(reference.per_image_qdq(x), _dequant_weight(qweight, w_scale, x.dtype), b,
+                     stride, padding, dilation, groups)
     return y.contiguous(memory_format=_layout_of(x))
 
 
@@ -216,7 +219,7 @@ def u8_linear(u8: Tensor, qweight: Tensor, w_scale: Tensor, kernels: Kernels, fa
     Inductor fuses them into the ops that produce the input and consume the output. oneDNN when
     `fast`, else torch._int_mm."""
     rows = u8.reshape(-1, u8.shape[-1])
-    if fast and u8.device.type == "cpu" and onednn.available():
+    if _onednn(u8, fast):
         y = onednn.linear_u8(rows, _linear_pack(qweight, kernels), w_scale)
     else:
         w_t = kernels.get(("w_t", qweight.data_ptr()), lambda: _transposed(qweight))
@@ -247,7 +250,7 @@ def u8_conv2d(u8: Tensor, qweight: Tensor, w_scale: Tensor, cin_start: int, stri
     alone on channels-last codes u8 [N, C, H, W] (one channel segment of the layer's input when
     cin_start > 0 or C is less than the weight's), for torch.compile as `u8_linear`."""
     w = _input_slice(qweight, cin_start, u8.shape[1], groups)
-    if fast and u8.device.type == "cpu" and onednn.available():
+    if _onednn(u8, fast):
         pack = kernels.get(("conv_u8", qweight.data_ptr(), cin_start, u8.shape[1]),
                            lambda: onednn.pack_conv_u8(w.contiguous(), w_scale, stride, padding, dilation,
                                                        groups))

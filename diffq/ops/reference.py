@@ -60,6 +60,12 @@ def per_image_scales(x: torch.Tensor) -> torch.Tensor:
     return choose_qparams(x.reshape(x.shape[0], -1), _INT8, PerToken(-1)).scale.reshape(-1, 1, 1, 1)
 
 
+def per_image_qdq(x: torch.Tensor) -> torch.Tensor:
+    """x [N, C, H, W] quantized to int8 with `per_image_scales` and back, in x's dtype."""
+    s = per_image_scales(x)
+    return dequantize(int8_codes(x, s), QParams(s), _INT8, x.dtype)
+
+
 def linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant | None
 ) -> torch.Tensor:
@@ -73,8 +79,7 @@ def conv2d(x, weight, bias, act, stride, padding, dilation, groups) -> torch.Ten
     w = weight.dequantize(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     if per_image(act, weight.shape, stride, padding, dilation, groups):
-        s = per_image_scales(x)
-        xq = dequantize(int8_codes(x, s), QParams(s), _INT8, x.dtype)
+        xq = per_image_qdq(x)
     else:
         xq = _dequant_input(x, act)
     return F.conv2d(xq, w, b, stride, padding, dilation, groups)
