@@ -19,16 +19,22 @@ from diffq.nn import QConv2d, QLinear, QuantizedLayer
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]  # proj_in: a 1x1 conv
 
 
-def _adapter(unet, folder, seed: int, rank: int = 4) -> None:
-    """A random adapter (B non-zero, so it changes the output), saved as diffusers saves LoRAs."""
-    fp = copy.deepcopy(unet)
-    fp.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"))
+def save_adapter(model, folder, targets, seed: int, save, b_std: float = 0.05, rank: int = 4) -> None:
+    """A random adapter on a copy of `model` (B non-zero, so it changes the output), saved by
+    `save(folder, state)` as diffusers saves LoRAs."""
+    fp = copy.deepcopy(model)
+    fp.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in fp.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(fp))
+                p.copy_(torch.randn(p.shape, generator=g) * b_std)
+    save(folder, get_peft_model_state_dict(fp))
+
+
+def _adapter(unet, folder, seed: int) -> None:
+    save_adapter(unet, folder, TARGETS, seed,
+                 lambda f, sd: StableDiffusionPipeline.save_lora_weights(f, unet_lora_layers=sd))
 
 
 def _unet_out(unet, seed: int = 0):

@@ -6,9 +6,7 @@ import copy
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
-from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
-from peft.utils import get_peft_model_state_dict
 
 import diffq
 from diffq.assets import shipped
@@ -17,23 +15,10 @@ from diffq.nn import QLinear, QuantizedLayer
 from diffq.ops import onednn
 from tests.dit_pipelines import LOAD_KWARGS, build
 from tests.integrations.test_dit import drive
-from tests.integrations.test_lora import adapter_lifecycle
+from tests.integrations.test_lora import adapter_lifecycle, save_adapter
 
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.2"]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
-
-
-def _save_adapter(model, folder, targets, seed: int, save, b_std: float = 0.05) -> None:
-    """A random adapter on a copy of `model` (B non-zero, so it changes the output), saved as
-    diffusers saves LoRAs."""
-    fp = copy.deepcopy(model)
-    fp.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in fp.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * b_std)
-    save(folder, get_peft_model_state_dict(fp))
 
 
 def _sd3_inputs(model, seed: int = 0, t: float = 500.0):
@@ -63,7 +48,7 @@ def sd3(tmp_path_factory):
     fp_state = copy.deepcopy(pipe.transformer.state_dict())
     root = tmp_path_factory.mktemp("sd3-lora")
     for name, seed in (("a", 1), ("b", 2)):
-        _save_adapter(pipe.transformer, root / name, SD3_TARGETS, seed,
+        save_adapter(pipe.transformer, root / name, SD3_TARGETS, seed,
                       lambda f, sd: StableDiffusion3Pipeline.save_lora_weights(f, transformer_lora_layers=sd),
                       b_std=0.5)  # the tiny SD3 is 16 wide: a larger B for a visible effect
     diffq.quantize(pipe.transformer, "w8a8", calibration=drive(pipe, "sd3", kw))
@@ -155,7 +140,7 @@ def test_compile_an_adapted_w8a8_dit_in_one_graph(sd3):
 def test_compile_an_adapted_w8a8_unet_in_one_graph(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(shipped("tiny-sd"))
     pipe.set_progress_bar_config(disable=True)
-    _save_adapter(pipe.unet, tmp_path / "a", UNET_TARGETS, 1,
+    save_adapter(pipe.unet, tmp_path / "a", UNET_TARGETS, 1,
                   lambda f, sd: StableDiffusionPipeline.save_lora_weights(f, unet_lora_layers=sd))
     diffq.quantize(pipe.unet, "w8a8", calibration=lambda: pipe(
         ["a red circle", "a blue square"], num_inference_steps=4, output_type="latent",
