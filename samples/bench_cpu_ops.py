@@ -8,7 +8,10 @@
    (and vs a compiled fp32 pass, which diffq tried and dropped: no faster);
 4. attention: bf16 SDPA (PyTorch's CPU flash attention) vs an int8 QK^T path built from the
    int8 GEMMs there are (torch._int_mm per head on SageAttention's codes, scores materialized,
-   fp32 softmax, bf16 PV), at SD1.5's and SD3-medium's largest attention shapes.
+   fp32 softmax, bf16 PV), at SD1.5's and SD3-medium's largest attention shapes;
+5. the per-call cost of a small W8A8 layer (dynamic, 8 x 384 x 384 bf16): the module, the op
+   through torch.library's dispatcher, its implementation called directly (what eager CPU calls
+   run), against bf16 nn.Linear.
 
     python samples/bench_cpu_ops.py [--threads 1]
 """
@@ -105,6 +108,26 @@ def attention(g: torch.Generator) -> None:
               f"{ms(lambda: torch._int_mm(qi, kt), n=10):.2f} |")
 
 
+def small_layer(g: torch.Generator) -> None:
+    from torch import nn
+
+    from diffq.core.recipe import ActivationSpec, WeightSpec
+    from diffq.nn import QLinear
+    from diffq.ops import library
+
+    lin = nn.Linear(384, 384)
+    q = QLinear(lin, WeightSpec("int8", "per_channel"),
+                ActivationSpec(mode="dynamic", granularity="per_token")).bfloat16()
+    b, x = lin.bfloat16(), torch.randn(8, 384, generator=g).bfloat16()
+    args = (x, q.qweight, q.weight_scale.reshape(-1).float(), q.bias, q.kernel_cache, True, "")
+    us = {"QLinear": ms(lambda: q(x), n=500),
+          "op, dispatched": ms(lambda: library.w8a8_dynamic_linear(*args), n=500),
+          "op, direct": ms(lambda: library.call("w8a8_dynamic_linear", *args), n=500),
+          "bf16 nn.Linear": ms(lambda: b(x), n=500)}
+    print("\n8 x 384 x 384 dynamic W8A8 layer, us a call: " +
+          ", ".join(f"{k} {v * 1e3:.0f}" for k, v in us.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -117,6 +140,7 @@ def main() -> None:
         quantize(g)
         gelu(g)
         attention(g)
+        small_layer(g)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ def conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padd
 
 
 # Implementations eager CPU calls run without the dispatcher (`call`): dispatching a custom op
-# costs ~11 us a call (8 x 384 x 384 dynamic W8A8 layer: 80 us direct, 91 us dispatched; its
-# int8 GEMM alone 29 us), and naming the call for the profiler with record_function as much
-# again, so profiles of eager calls show the oneDNN kernels, not the diffq op. Filled at import
-# by `_direct`, never changed after.
+# costs ~12 us a call (8 x 384 x 384 dynamic W8A8 layer: 76 us direct, 88 us dispatched,
+# `python samples/bench_cpu_ops.py --threads 2`, section 5), and naming the call for the
+# profiler with record_function cost as much again in a trial, so profiles of eager calls show
+# the oneDNN kernels, not the diffq op. Filled at import by `_direct`, never changed after.
 _DIRECT: dict[str, Callable] = {}
 
 
