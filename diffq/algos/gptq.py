@@ -31,21 +31,26 @@ def column_groups(spec: WeightSpec, k: int) -> torch.Tensor:
     return torch.arange(k) // size
 
 
-def group_qparams(w: torch.Tensor, spec: WeightSpec) -> QParams:
+def group_qparams(w: torch.Tensor, spec: WeightSpec, row: torch.Tensor | None = None) -> QParams:
     """Scale (and zero point) [O, 1] (per-tensor: [1, 1]) for the columns `w` [O, c] of one
-    group, rounded to the stored scale dtype so quantizing uses exactly what is saved."""
+    group, rounded to the stored scale dtype so quantizing uses exactly what is saved (on the
+    row scales `row` for formats whose groups share one, see `StorageFormat.row_scale`)."""
     layout = spec.layout()
+    if row is not None:
+        return layout.storage.group_qparams(w, row, layout, spec.clip)
     gran = PerTensor() if isinstance(layout.granularity, PerTensor) else PerChannel(0)
     choose = mse_clip_qparams if spec.clip == "mse" else choose_qparams
     qp = choose(w, layout.grid, gran, layout.symmetric)
     return QParams(qp.scale.to(layout.scale_dtype).float(), qp.zero_point)
 
 
-def _round_column(col: torch.Tensor, qp: QParams, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _round_column(col: torch.Tensor, qp: QParams, spec: WeightSpec, row: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One column [O] -> (codes [O] unpacked, dequantized values [O] in col's dtype)."""
-    fmt = spec.layout().grid
+    storage = spec.layout().storage
+    fmt = storage.column_grid
     q = quantize(col[:, None], qp, fmt, PerTensor())
-    return q[:, 0], dequantize(q, qp, fmt, col.dtype)[:, 0]
+    return storage.column_codes(q, qp, row)[:, 0], dequantize(q, qp, fmt, col.dtype)[:, 0]
 
 
 def prepare_hessian(h: torch.Tensor, w: torch.Tensor, percdamp: float
@@ -86,9 +91,11 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 
 def _storage(codes: torch.Tensor, qps: list[QParams], spec: WeightSpec,
-             shape: tuple[int, ...]) -> QuantizedWeight:
+             shape: tuple[int, ...], row: torch.Tensor | None = None) -> QuantizedWeight:
     """Codes [O, K] and per-group params -> diffq's QuantizedWeight (same layout as RTN)."""
     layout: Layout = spec.layout()
+    if row is not None:  # the groups' params are multiples of the row scales it stores
+        return QuantizedWeight.from_codes(codes, row, None, layout, shape)
     scale = torch.stack([qp.scale for qp in qps], dim=1)  # [O|1, G, 1]
     zps = [qp.zero_point for qp in qps]
     zp = None if zps[0] is None else torch.stack(zps, dim=1)
@@ -116,9 +123,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, block_si
     h, w = prepare_hessian(hessian, w, percdamp)
     groups = column_groups(spec, k).to(w.device)
     members = [torch.nonzero(groups == g).flatten() for g in range(int(groups.max()) + 1)]
+    row = spec.layout().storage.row_scale(w, spec.layout(), spec.clip)
     qps: list[QParams | None] = [None] * len(members)
     if static_groups:
-        qps = [group_qparams(w[:, m], spec) for m in members]
+        qps = [group_qparams(w[:, m], spec, row) for m in members]
 
     perm = column_order(h, act_order)
     pos = torch.empty_like(perm)
@@ -136,14 +144,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, block_si
         for i in range(i2 - i1):
             g = gid[i1 + i]
             if qps[g] is None:
-                qps[g] = group_qparams(_current(w, w1, err1, u, i1, i, pos[members[g]]), spec)
-            q, deq = _round_column(w1[:, i], qps[g], spec)
+                qps[g] = group_qparams(_current(w, w1, err1, u, i1, i, pos[members[g]]), spec, row)
+            q, deq = _round_column(w1[:, i], qps[g], spec, row)
             codes[:, i1 + i] = q
             e = (w1[:, i] - deq) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]  # the lazy batch update (GPTQ Algorithm 1, line 12)
-    return _storage(codes[:, pos], qps, spec, shape)
+    return _storage(codes[:, pos], qps, spec, shape, row)
 
 
 def _current(w, w1, err1, u, i1: int, i: int, cols: torch.Tensor) -> torch.Tensor:
@@ -170,15 +178,16 @@ def naive_obq(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     h, w = prepare_hessian(hessian.double(), w, percdamp)
     groups = column_groups(spec, w.shape[1])
     members = [torch.nonzero(groups == g).flatten() for g in range(int(groups.max()) + 1)]
+    row = spec.layout().storage.row_scale(w, spec.layout(), spec.clip)
     qps: list[QParams | None] = [None] * len(members)
     if static_groups:
-        qps = [group_qparams(w[:, m], spec) for m in members]
+        qps = [group_qparams(w[:, m], spec, row) for m in members]
     hinv = torch.linalg.inv(h)
     for q in column_order(h, act_order).tolist():
         g = int(groups[q])
         if qps[g] is None:
-            qps[g] = group_qparams(w[:, members[g]], spec)
-        _, deq = _round_column(w[:, q], qps[g], spec)
+            qps[g] = group_qparams(w[:, members[g]], spec, row)
+        _, deq = _round_column(w[:, q], qps[g], spec, row)
         err = (w[:, q] - deq) / hinv[q, q]
         w -= err[:, None] * hinv[q][None, :]
         w[:, q] = deq  # equal up to rounding; make the quantized column exact

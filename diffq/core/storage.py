@@ -58,7 +58,7 @@ class Layout:
 
     @property
     def bits(self) -> int:
-        return self.grid.bits
+        return self.storage.bits
 
     @property
     def group_size(self) -> int | None:
@@ -70,14 +70,17 @@ class Layout:
             raise ValueError(f"group size {g} does not divide the reduction dimension {k}")
 
     def data_shape(self, out: int, k: int) -> tuple[int, ...]:
-        return self.storage.data_shape(out, k)
+        return self.storage.data_shape(out, k, self)
 
     def scale_shape(self, out: int, k: int) -> tuple[int, ...]:
         """keepdim shape of the scales over the blocked [O, (K/g, g | K)] view."""
-        g = self.granularity
-        if isinstance(g, PerGroup):
-            return (out, k // g.group_size, 1)
-        return (out, 1) if isinstance(g, PerChannel) else (1, 1)
+        return self.storage.scale_shape(out, k, self)
+
+    @property
+    def int8_codes(self) -> bool:
+        """Whether the codes are symmetric int8 with one scale per output channel (or tensor):
+        what the int8 kernels multiply."""
+        return self.storage.int8_codes(self)
 
     def zero_point_shape(self, out: int, k: int) -> tuple[int, ...] | None:
         return None if self.symmetric else self.scale_shape(out, k)
@@ -110,6 +113,14 @@ class StorageFormat:
         return self.grid.storage
 
     @property
+    def bits(self) -> int:
+        """Bits a weight costs before scales (the mixed-precision candidates' key)."""
+        return self.grid.bits
+
+    def int8_codes(self, layout: Layout) -> bool:
+        return self.name == "int8" and layout.symmetric and not isinstance(layout.granularity, PerGroup)
+
+    @property
     def code_dtype(self) -> torch.dtype:
         """dtype of unpacked codes: int8 on integer grids, uint8 code-book indices, float8 itself."""
         return {"int": torch.int8, "lut": torch.uint8}.get(self.grid.kind, self.grid.storage)
@@ -122,8 +133,14 @@ class StorageFormat:
     def layout(self, spec: WeightSpec) -> Layout:
         return Layout(self.name, spec.granularity_obj(), SCALE_DTYPES[spec.scale_dtype], spec.symmetric)
 
-    def data_shape(self, out: int, k: int) -> tuple[int, ...]:
+    def data_shape(self, out: int, k: int, layout: Layout) -> tuple[int, ...]:
         return (out, k // 2) if self.grid.packed else (out, k)
+
+    def scale_shape(self, out: int, k: int, layout: Layout) -> tuple[int, ...]:
+        g = layout.granularity
+        if isinstance(g, PerGroup):
+            return (out, k // g.group_size, 1)
+        return (out, 1) if isinstance(g, PerChannel) else (1, 1)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [O, K] as stored."""
@@ -132,6 +149,39 @@ class StorageFormat:
     def unpack(self, data: torch.Tensor) -> torch.Tensor:
         """Stored data -> codes [O, K]."""
         return data
+
+    def store(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+              layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Codes [O, K] with their scale and zero point -> (data, scale, zero point) as stored."""
+        zp = None if zero_point is None else zero_point.to(torch.int8)
+        return self.pack(codes), scale.to(layout.scale_dtype), zp
+
+    def blocked(self, data: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Stored data -> unpacked codes in the blocked view the scales broadcast over."""
+        q = self.unpack(data)
+        g = layout.group_size
+        return q if g is None else q.reshape(q.shape[0], -1, g)
+
+    def compute_layout(self, layout: Layout) -> Layout | None:
+        """The layout of the codes kernels multiply when it is not the stored one (`blocked`
+        then gives those codes), else None."""
+        return None
+
+    # GPTQ's hooks: a format whose groups share a per-row scale (`row_scale` not None) chooses
+    # each group's params on that row scale and turns the grid's codes into its own.
+    def row_scale(self, w: torch.Tensor, layout: Layout, clip: str) -> torch.Tensor | None:
+        return None
+
+    def group_qparams(self, w: torch.Tensor, row: torch.Tensor, layout: Layout, clip: str) -> QParams:
+        raise NotImplementedError
+
+    def column_codes(self, q: torch.Tensor, qp: QParams, row: torch.Tensor | None) -> torch.Tensor:
+        return q
+
+    @property
+    def column_grid(self) -> Format:
+        """The grid GPTQ rounds one column onto, with a group's params."""
+        return self.grid
 
     def round(self, w: torch.Tensor, layout: Layout, clip: str = "none"
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

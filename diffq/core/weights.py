@@ -28,9 +28,7 @@ class QuantizedWeight:
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes in the blocked view."""
-        q = self.layout.storage.unpack(self.data)
-        g = self.layout.group_size
-        return q if g is None else q.reshape(q.shape[0], -1, g)
+        return self.layout.storage.blocked(self.data, self.layout)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in its original shape."""
@@ -53,8 +51,7 @@ class QuantizedWeight:
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                    layout: Layout, shape: tuple[int, ...]) -> QuantizedWeight:
         """Unpacked codes [O, K] (and stored-dtype scales) -> storage, packed as the format packs."""
-        zp = None if zero_point is None else zero_point.to(torch.int8)
-        return cls(layout.storage.pack(codes), scale.to(layout.scale_dtype), zp, layout, tuple(shape))
+        return cls(*layout.storage.store(codes, scale, zero_point, layout), layout, tuple(shape))
 
 
 def quantize_weight(weight: torch.Tensor, spec: WeightSpec | Layout, clip: str | None = None

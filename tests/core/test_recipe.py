@@ -120,7 +120,7 @@ def test_algorithm_builtins():
     assert load_recipe("w4a16").weights.method == "gptq"
     w4a8, w8a8 = load_recipe("w4a8"), load_recipe("w8a8")
     assert w4a8.activations == w8a8.activations and w4a8.skip == w8a8.skip
-    assert (w4a8.weights.format, w4a8.weights.group_size) == ("int4", 32)
+    assert (w4a8.weights.format, w4a8.weights.group_size) == ("int4_i8", 32)
     assert load_recipe("llm-w4a16-gptq").weights.gptq_options().act_order
     assert load_recipe("llm-w4a16-awq").weights.method == "awq"
     sq = load_recipe("llm-w8a8-smoothquant").activations

@@ -20,6 +20,7 @@ SPECS = [
     WeightSpec(format="fp8_e4m3"),
     WeightSpec(format="fp8_e5m2", granularity="per_group", group_size=16),
     WeightSpec(format="q8_0", granularity="per_group", group_size=32),
+    WeightSpec(format="int4_i8", granularity="per_group", group_size=16, scale_dtype="float16"),
 ]
 
 
