@@ -18,6 +18,7 @@ from diffq.api import quantize
 from diffq.checkpoint import FORMAT_VERSION, check_format_version, convert_empty, metadata, verify
 from diffq.core.recipe import Recipe, builtin_recipes, load_recipe
 from diffq.errors import RecipeError
+from diffq.nn.base import QuantizedLayer
 from diffq.nn.runtime import attach_runtime
 from diffq.nn.state import diffq_state
 
@@ -144,6 +145,9 @@ def finish(model: nn.Module, config: DiffqConfigMixin, pre_quantized: bool) -> D
     known = None
     if pre_quantized:
         known = verify(model, config.tensors, f"this model's diffq checkpoint ({type(model).__name__})")
+        for m in model.modules():  # the loaders assigned the stored tensors
+            if isinstance(m, QuantizedLayer):
+                m.storage_changed()
         diffq_state(model).recipe = config.resolved
         attach_runtime(model, config.resolved.attention)
     else:

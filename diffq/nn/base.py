@@ -89,6 +89,25 @@ class QuantizedLayer(nn.Module):
         )
         if input_scale is not None:  # AWQ / SmoothQuant: x * input_scale before quantizing x
             self.register_buffer("input_scale", input_scale.detach().float().clone())
+        self._compute_layout = qw.layout.storage.compute_layout(qw.layout)
+        self._refresh_compute_codes()
+
+    def storage_changed(self) -> None:
+        """Called after the stored tensors were replaced or written to (loading): drops the
+        prepacked weights and remakes the compute codes."""
+        self.kernel_cache.clear()
+        self._refresh_compute_codes()
+
+    def _refresh_compute_codes(self) -> None:
+        """Formats stored apart from the codes their kernels multiply (int4_i8: nibbles and
+        group multipliers, multiplied as int8 per channel) keep those codes beside the storage,
+        made once, not in every call, and never saved."""
+        if self._compute_layout is not None:
+            self.register_buffer("qweight_compute", self.quantized_weight.codes(), persistent=False)
+            self._compute_of = self._storage_key()
+
+    def _storage_key(self) -> tuple:
+        return (self.qweight.data_ptr(), self.qweight._version, self.qweight.device)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -123,6 +142,16 @@ class QuantizedLayer(nn.Module):
             self.weight_layout, self.weight_shape,
         )
 
+    @property
+    def compute_weight(self) -> QuantizedWeight:
+        """The weight as the kernels take it: the stored one, or its compute codes' view."""
+        if self._compute_layout is None:
+            return self.quantized_weight
+        if not torch.compiler.is_compiling() and self._compute_of != self._storage_key():
+            self.storage_changed()  # storage loaded by assignment (diffusers / transformers loaders)
+        return QuantizedWeight(self.qweight_compute, self.weight_scale, None, self._compute_layout,
+                               self.weight_shape)
+
     def act_params(self):
         return None if self.input_quant is None else self.input_quant.params()
 
@@ -131,8 +160,9 @@ class QuantizedLayer(nn.Module):
         return self.quantized_weight.nbytes
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self.kernel_cache.clear()
-        return super()._load_from_state_dict(*args, **kwargs)
+        out = super()._load_from_state_dict(*args, **kwargs)
+        self.storage_changed()
+        return out
 
     def _apply(self, fn, recurse=True):
         self.kernel_cache.clear()
@@ -142,6 +172,8 @@ class QuantizedLayer(nn.Module):
             new = getattr(self, name)
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
+        if self._compute_layout is not None:  # the compute codes moved with the storage
+            self._compute_of = self._storage_key()
         return self
 
     def describe(self) -> dict:

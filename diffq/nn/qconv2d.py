@@ -39,7 +39,7 @@ class QConv2d(QuantizedLayer, nn.Conv2d):
                              input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d(self.scale_input(x), self.quantized_weight, self.bias, self.act_params(),
+        return ops.conv2d(self.scale_input(x), self.compute_weight, self.bias, self.act_params(),
                           self.stride, self.padding, self.dilation, self.groups, self.kernel_cache,
                           self.backend)
 

@@ -36,7 +36,7 @@ class QLinear(QuantizedLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.scale_input(x)
-        args = (self.quantized_weight, self.bias)
+        args = (self.compute_weight, self.bias)
         prefix = 0 if self.input_quant is None else self.input_quant.spec.float_prefix
         if prefix and x.dim() == 3:  # leading tokens (BOS) with float activations, see ActivationSpec
             head = ops.linear(x[:, :prefix], *args, None, self.kernel_cache, self.backend, self.post)

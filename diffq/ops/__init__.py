@@ -88,6 +88,9 @@ def kernel_of(layout, act, conv: bool, device: str = "cpu", pointwise: bool = Fa
     runs on `device` for float inputs of many rows: what the report lists per layer (`pointwise`:
     a 1x1 convolution, which dynamic activations run as a Linear over pixels). A "simulated"
     entry is fake-quant: its activations are rounded to int8 and computed in float."""
+    compute = layout.storage.compute_layout(layout)
+    if compute is not None:  # int4_i8: the kernels take its int8 products
+        return f"{kernel_of(compute, act, conv, device, pointwise)} on {layout.format} codes"
     if act is not None and act.format == "int8" and act.symmetric and _int8_per_channel(layout):
         if act.mode == "static":
             if device == "cuda":
@@ -115,7 +118,8 @@ def _segment_scales(act: ActQuant, channels: int) -> tuple[torch.Tensor, list[in
 
 
 def _w_scale(weight: QuantizedWeight, cache: Kernels | None, dtype=torch.float32) -> torch.Tensor:
-    """Weight scales as a contiguous [out] vector, kept in the module's cache (decode kernels)."""
+    """Weight scales as a contiguous [out] vector, kept in the module's cache (traced as plain
+    tensor ops under torch.compile, see `_cached`)."""
     return _cached(cache, ("w_scale", weight.scale.data_ptr(), dtype),
                    lambda: weight.scale.reshape(-1).expand(weight.shape[0]).to(dtype).contiguous())
 
@@ -124,11 +128,6 @@ def _store(cache: Kernels | None, backend: str) -> tuple[Kernels, bool]:
     """(the layer's pack store, whether the ops may use their fast kernels): a call without a
     store (a bare functional call) runs the reference and keeps nothing."""
     return (Kernels(), False) if cache is None else (cache, backend == "auto")
-
-
-def _scale_vector(weight: QuantizedWeight) -> torch.Tensor:
-    """Weight scales as an fp32 [out] vector (per call: plain tensor ops torch.compile traces)."""
-    return weight.scale.reshape(-1).float().expand(weight.shape[0]).contiguous()
 
 
 # Weight-only int8 / int4 kernels beat bf16 F.linear only for a handful of rows (LLM decode;
@@ -210,15 +209,15 @@ def linear(
     kernels, fast = _store(cache, backend)
     if _w8a8_dynamic(weight, act, x, backend):
         if _traced(x):
-            return traced.linear(x, weight.data, _scale_vector(weight), bias, None, kernels, fast, post)
-        return library.call("w8a8_dynamic_linear", x, weight.data, _scale_vector(weight), bias,
+            return traced.linear(x, weight.data, _w_scale(weight, cache), bias, None, kernels, fast, post)
+        return library.call("w8a8_dynamic_linear", x, weight.data, _w_scale(weight, cache), bias,
                             kernels, fast, post)
     if not _w8a8(weight, act, x, backend):
         return fused.apply_post(reference.linear(x, weight, bias, act), post)
     xs, _ = _segment_scales(act, x.shape[-1])
     if _traced(x):
-        return traced.linear(x, weight.data, _scale_vector(weight), bias, xs, kernels, fast, post)
-    return library.call("w8a8_linear", x, weight.data, _scale_vector(weight), bias, xs, kernels,
+        return traced.linear(x, weight.data, _w_scale(weight, cache), bias, xs, kernels, fast, post)
+    return library.call("w8a8_linear", x, weight.data, _w_scale(weight, cache), bias, xs, kernels,
                         fast, post)
 
 
@@ -247,19 +246,19 @@ def conv2d(
     if _w8a8_dynamic_image(weight, act, x, backend, stride, padding, dilation, groups):
         kernels, fast = _store(cache, backend)
         if _traced(x):
-            return traced.conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight), bias, None,
+            return traced.conv2d(x, weight.data.reshape(weight.shape), _w_scale(weight, cache), bias, None,
                                  [x.shape[1]], list(stride), list(padding), list(dilation), groups,
                                  kernels, fast)
         return library.call("w8a8_dynamic_conv2d", x, weight.data.reshape(weight.shape),
-                            _scale_vector(weight), bias, list(stride), list(padding), list(dilation),
+                            _w_scale(weight, cache), bias, list(stride), list(padding), list(dilation),
                             groups, kernels, fast)
     if not _w8a8(weight, act, x, backend) or isinstance(padding, str):
         return reference.conv2d(x, weight, bias, act, stride, padding, dilation, groups)
     scales, segments = _segment_scales(act, x.shape[1])
     kernels, fast = _store(cache, backend)
     if _traced(x) and (groups == 1 or len(segments) == 1):
-        return traced.conv2d(x, weight.data.reshape(weight.shape), _scale_vector(weight), bias, scales,
+        return traced.conv2d(x, weight.data.reshape(weight.shape), _w_scale(weight, cache), bias, scales,
                              segments, list(stride), list(padding), list(dilation), groups, kernels, fast)
-    return library.call("w8a8_conv2d", x, weight.data.reshape(weight.shape), _scale_vector(weight),
+    return library.call("w8a8_conv2d", x, weight.data.reshape(weight.shape), _w_scale(weight, cache),
                         bias, scales, segments, list(stride), list(padding), list(dilation), groups,
                         kernels, fast)

@@ -85,6 +85,15 @@ def _linear_pack(qweight: Tensor, kernels: Kernels) -> Tensor:
     return kernels.get(("linear", qweight.data_ptr()), lambda: onednn.pack_linear(qweight))
 
 
+def _constants(qweight: Tensor, w_scale: Tensor, bias: Tensor | None, kernels: Kernels,
+               groups: int = 1) -> onednn.Constants:
+    """The layer's `onednn.Constants`, keyed by its stored tensors (w_scale may be made per
+    call inside a compiled graph; the weight and bias are the module's own)."""
+    b = None if bias is None else (bias.data_ptr(), bias._version)
+    key = ("constants", qweight.data_ptr(), groups, b)
+    return kernels.get(key, lambda: onednn.constants(w_scale, bias, groups))
+
+
 @torch.library.custom_op("diffq::w8a8_linear", mutates_args=())
 @_direct
 def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -93,7 +102,8 @@ def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
     [1]; `kernels` the layer's pack store, used when `fast` (else the reference); `post` an
     activation of `fused.POSTS`, fused into the kernel where it can be."""
     if _cpu_int8(x, fast):
-        return onednn.linear_packed(x, _linear_pack(qweight, kernels), w_scale, bias, x_scale, post)
+        return onednn.linear_packed(x, _linear_pack(qweight, kernels),
+                                    _constants(qweight, w_scale, bias, kernels), bias, x_scale, post)
     return linear_reference(x, qweight, w_scale, bias, x_scale, post)
 
 
@@ -126,7 +136,8 @@ def w8a8_dynamic_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tenso
     the reference grid), an int8 x int8 -> int32 GEMM, then both scales: oneDNN's packed int8
     GEMM on CPU when `fast`, else torch._int_mm. x [..., K], qweight int8 [N, K], w_scale [N]."""
     if _cpu_int8(x, fast):
-        return onednn.linear_packed_dynamic(x, _linear_pack(qweight, kernels), w_scale, bias, post)
+        return onednn.linear_packed_dynamic(x, _linear_pack(qweight, kernels),
+                                            _constants(qweight, w_scale, None, kernels), bias, post)
     n, k = qweight.shape
     w_t = kernels.get(("w_t", qweight.data_ptr()), lambda: _transposed(qweight))
     codes, s = reference.quantize_act(x.reshape(-1, k), None, [k])
@@ -157,8 +168,8 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
         # the kernel call passes the scale again (checked against the reference in tests).
         packs = kernels.get(("conv", tuple(segments), qweight.data_ptr()), lambda: onednn.pack_conv(
             qweight, w_scale, x_scales.tolist(), segments, stride, padding, dilation, groups))
-        y = onednn.conv2d_packed(x, packs, w_scale, bias, x_scales, segments, stride, padding,
-                                 dilation, groups)
+        y = onednn.conv2d_packed(x, packs, _constants(qweight, w_scale, bias, kernels, groups), bias,
+                                 x_scales, segments, stride, padding, dilation, groups)
     else:
         y = conv2d_reference(x, qweight, w_scale, bias, x_scales, segments, stride, padding,
                              dilation, groups)
@@ -175,7 +186,8 @@ def w8a8_dynamic_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tenso
     if _cpu_int8(x, fast):
         pack = kernels.get(("conv_u8", qweight.data_ptr(), 0, qweight.shape[1] * groups),
                            lambda: onednn.pack_conv_u8(qweight, w_scale, stride, padding, dilation, groups))
-        y = onednn.conv2d_packed_dynamic(x, pack, w_scale, bias, stride, padding, dilation, groups)
+        y = onednn.conv2d_packed_dynamic(x, pack, _constants(qweight, w_scale, None, kernels, groups), bias,
+                                         stride, padding, dilation, groups)
     else:
         b = None if bias is None else bias.to(x.dtype)
         y = F.conv2d(reference.per_image_qdq(x), _dequant_weight(qweight, w_scale, x.dtype), b,
@@ -220,7 +232,8 @@ def u8_linear(u8: Tensor, qweight: Tensor, w_scale: Tensor, kernels: Kernels, fa
     `fast`, else torch._int_mm."""
     rows = u8.reshape(-1, u8.shape[-1])
     if _onednn(u8, fast):
-        y = onednn.linear_u8(rows, _linear_pack(qweight, kernels), w_scale)
+        y = onednn.linear_u8(rows, _linear_pack(qweight, kernels),
+                             _constants(qweight, w_scale, None, kernels))
     else:
         w_t = kernels.get(("w_t", qweight.data_ptr()), lambda: _transposed(qweight))
         codes = _int8_rows(rows).contiguous()
@@ -254,7 +267,8 @@ def u8_conv2d(u8: Tensor, qweight: Tensor, w_scale: Tensor, cin_start: int, stri
         pack = kernels.get(("conv_u8", qweight.data_ptr(), cin_start, u8.shape[1]),
                            lambda: onednn.pack_conv_u8(w.contiguous(), w_scale, stride, padding, dilation,
                                                        groups))
-        y = onednn.conv2d_u8(u8, pack, w_scale, stride, padding, dilation, groups)
+        y = onednn.conv2d_u8(u8, pack, _constants(qweight, w_scale, None, kernels, groups), stride, padding,
+                             dilation, groups)
     else:
         y = F.conv2d(_int8_rows(u8).float(), w.float(), None, stride, padding, dilation, groups)
         y = y * w_scale.float().reshape(1, -1, 1, 1)

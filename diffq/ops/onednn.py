@@ -13,6 +13,8 @@ halves of the output are added. Exact, at twice the multiply work.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -92,6 +94,21 @@ def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments:
     return packs
 
 
+class Constants(NamedTuple):
+    """What every call of one layer's kernel passes besides its input: made once per layer
+    (`constants`, kept in its pack store), not per call (~10 us a call on small layers)."""
+
+    scales: Tensor  # fp32 per-output-channel weight scales, laid out as the packed weight
+    zeros: Tensor  # int32 zero points of those channels (oneDNN wants them)
+    bias: Tensor | None  # fp32 bias the kernel adds; None if none, or on a split weight
+
+
+def constants(w_scale: Tensor, bias: Tensor | None, groups: int = 1) -> Constants:
+    scales = _scales(w_scale, groups).contiguous()
+    b = None if bias is None or saturates() else bias.float().contiguous()
+    return Constants(scales, _zeros(len(scales)), b)
+
+
 def _scale_tensor(scale: float) -> Tensor:
     return torch.tensor([scale], dtype=torch.float32)
 
@@ -103,17 +120,14 @@ def _zeros(n: int) -> Tensor:
 _POST_OPS = {"": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
-def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Tensor,
-                  post: str = "") -> Tensor:
-    """The static W8A8 linear; `post` (see fused.POSTS) runs as oneDNN's post-op."""
-    x_scale = float(x_scale)  # a CPU tensor: reading it costs no device sync
+def linear_packed(x: Tensor, packed: Tensor, c: Constants, bias, x_scale: Tensor, post: str = "") -> Tensor:
+    """The static W8A8 linear; `x_scale` [1] fp32; `post` (see fused.POSTS) runs as oneDNN's
+    post-op."""
     split = saturates()
-    b = None if bias is None or split else bias.float()
-    scales = _scales(w_scale)
     name, algorithm = _POST_OPS["" if split else post]
     y = torch.ops.onednn.qlinear_pointwise(
-        fused.u8_static(x, _scale_tensor(x_scale)), x_scale, _U8_ZP, packed, scales,
-        _zeros(len(scales)), b, 1.0, 0, x.dtype, name, [], algorithm)
+        fused.u8_static(x, x_scale), float(x_scale), _U8_ZP, packed, c.scales, c.zeros, c.bias, 1.0, 0,
+        x.dtype, name, [], algorithm)
     if not split:
         return y
     y = _join(y, y.dim() - 1)
@@ -121,42 +135,36 @@ def linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, bias, x_scale: Ten
     return fused.apply_post(y, post)
 
 
-def linear_u8(u8: Tensor, packed: Tensor, w_scale: Tensor) -> Tensor:
+def linear_u8(u8: Tensor, packed: Tensor, c: Constants) -> Tensor:
     """fp32 (u8 - 128) @ W^T * w_scale for rows of codes u8 [M, K]: the packed int8 GEMM with
-    unit input scale (the caller applies the activation scales to its output)."""
-    scales = _scales(w_scale)
+    unit input scale (the caller applies the activation scales and the bias to its output)."""
     y = torch.ops.onednn.qlinear_pointwise(
-        u8, 1.0, _U8_ZP, packed, scales, _zeros(len(scales)), None, 1.0, 0, torch.float32,
-        "none", [], "")
+        u8, 1.0, _U8_ZP, packed, c.scales, c.zeros, None, 1.0, 0, torch.float32, "none", [], "")
     return _join(y, 1)
 
 
-def linear_packed_dynamic(x: Tensor, packed: Tensor, w_scale: Tensor, bias, post: str = "") -> Tensor:
+def linear_packed_dynamic(x: Tensor, packed: Tensor, c: Constants, bias, post: str = "") -> Tensor:
     """The W8A8 linear with x quantized per token at run time: codes on the packed int8 GEMM
     with unit input scale, fp32 out, then each row times its own scale (exact: the scale is
     constant along the reduction)."""
     u8, s = fused.u8_dynamic(x.reshape(-1, x.shape[-1]))
-    y = linear_u8(u8, packed, w_scale)
+    y = linear_u8(u8, packed, c)
     return fused.rescale(y, s, bias, x.dtype, post).reshape(*x.shape[:-1], -1)
 
 
-def conv2d_packed(x: Tensor, packs: list[Tensor], w_scale: Tensor, bias, x_scales: Tensor,
+def conv2d_packed(x: Tensor, packs: list[Tensor], c: Constants, bias, x_scales: Tensor,
                   segments: list[int], stride, padding, dilation, groups: int) -> Tensor:
-    x_scales = x_scales.tolist()  # CPU: no device sync
     out, start = None, 0
-    split = saturates()
-    scales = _scales(w_scale, groups)
-    for i, (size, xs) in enumerate(zip(segments, x_scales, strict=True)):
+    for i, (size, xs) in enumerate(zip(segments, x_scales.tolist(), strict=True)):  # CPU: no sync
         part = x if len(segments) == 1 else x[:, start:start + size]
-        qx = fused.u8_static_nhwc(part, _scale_tensor(xs))
-        b = None if (bias is None or i > 0 or split) else bias.float()
+        qx = fused.u8_static_nhwc(part, x_scales[i:i + 1])
         y = torch.ops.onednn.qconv2d_pointwise(
-            qx, xs, _U8_ZP, packs[i], scales, _zeros(len(scales)), b, list(stride),
+            qx, xs, _U8_ZP, packs[i], c.scales, c.zeros, c.bias if i == 0 else None, list(stride),
             list(padding), list(dilation), groups, 1.0, 0, x.dtype, "none", [], None)
         y = _join(y, 1, groups)
         out = y if out is None else out.add_(y)
         start += size
-    if split and bias is not None:
+    if saturates() and bias is not None:
         out = out.add_(bias.to(out.dtype).reshape(1, -1, 1, 1))
     return out
 
@@ -167,23 +175,22 @@ def pack_conv_u8(qweight: Tensor, w_scale: Tensor, stride, padding, dilation, gr
                      groups)[0]
 
 
-def conv2d_u8(u8: Tensor, pack: Tensor, w_scale: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+def conv2d_u8(u8: Tensor, pack: Tensor, c: Constants, stride, padding, dilation, groups: int) -> Tensor:
     """fp32 conv((u8 - 128), W) * w_scale of channels-last codes u8 [N, C, H, W] (a pack from
     `pack_conv_u8`; the caller applies the activation scales and the bias)."""
-    scales = _scales(w_scale, groups)
     y = torch.ops.onednn.qconv2d_pointwise(
-        u8, 1.0, _U8_ZP, pack, scales, _zeros(len(scales)), None, list(stride), list(padding),
+        u8, 1.0, _U8_ZP, pack, c.scales, c.zeros, None, list(stride), list(padding),
         list(dilation), groups, 1.0, 0, torch.float32, "none", [], None)
     return _join(y, 1, groups)
 
 
-def conv2d_packed_dynamic(x: Tensor, pack: Tensor, w_scale: Tensor, bias, stride, padding,
+def conv2d_packed_dynamic(x: Tensor, pack: Tensor, c: Constants, bias, stride, padding,
                           dilation, groups: int) -> Tensor:
     """The W8A8 conv with x quantized per image at run time: codes on a conv packed for unit
     input scale, fp32 out, then each image times its own scale (exact: one scale per image is
     constant along every output's sums) and the bias, in x's dtype."""
     s = reference.per_image_scales(x)
-    y = conv2d_u8(fused.u8_per_image_nhwc(x, s), pack, w_scale, stride, padding, dilation, groups).mul_(s)
+    y = conv2d_u8(fused.u8_per_image_nhwc(x, s), pack, c, stride, padding, dilation, groups).mul_(s)
     if bias is not None:
         y = y.add_(bias.float().reshape(1, -1, 1, 1))
     return y.to(x.dtype)

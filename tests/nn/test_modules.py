@@ -11,13 +11,14 @@ W4 = WeightSpec("int4", "per_group", group_size=32, clip="mse")
 FP8 = WeightSpec("fp8_e4m3", "per_channel")
 NF4 = WeightSpec("nf4", "per_group", group_size=32)
 Q80 = WeightSpec("q8_0", "per_group", group_size=32, scale_dtype="float16")
+W4I8 = WeightSpec("int4_i8", "per_group", group_size=32, clip="mse", scale_dtype="float16")
 # Floors on output SQNR vs the float layer, a few dB under the weight SQNR of each format.
-FLOORS = {"int8": 36.0, "int4": 15.0, "fp8_e4m3": 26.0, "nf4": 15.0, "q8_0": 38.0}
+FLOORS = {"int8": 36.0, "int4": 15.0, "fp8_e4m3": 26.0, "nf4": 15.0, "q8_0": 38.0, "int4_i8": 15.0}
 STORAGE = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn,
-           "nf4": torch.uint8, "q8_0": torch.int8}
+           "nf4": torch.uint8, "q8_0": torch.int8, "int4_i8": torch.uint8}
 
 
-@pytest.mark.parametrize("spec", [W8, W4, FP8, NF4, Q80], ids=lambda s: s.format)
+@pytest.mark.parametrize("spec", [W8, W4, FP8, NF4, Q80, W4I8], ids=lambda s: s.format)
 @pytest.mark.parametrize("shape", [(64, 96), (128, 256), (32, 64)])
 def test_qlinear_matches_float(spec, shape, gen):
     lin = nn.Linear(*shape)
@@ -96,3 +97,20 @@ def test_weight_bytes_halve_bf16():
     assert 0.5 <= q.weight_nbytes / bf16 < 0.51
     q4 = QLinear(lin, W4, None)
     assert q4.weight_nbytes / bf16 < 0.32  # 4 bits + an fp32 scale per 32 weights = 5 bits
+
+
+def test_a_new_scale_table_reaches_the_next_call(gen):
+    """Eager calls reuse one activation-quantization object per timestep group: writing the
+    table (calibration, loading) must show in the very next call."""
+    lin = nn.Linear(64, 32)
+    x = torch.randn(4, 64, generator=gen)
+    q = QLinear(lin, W8, ActivationSpec())
+    with torch.no_grad():
+        for scale in (0.05, 0.01, 0.2):
+            q.input_quant.set_table(torch.full((1, 1), scale), torch.zeros(0))
+            fresh = QLinear(lin, W8, ActivationSpec())  # never called before
+            fresh.input_quant.set_table(torch.full((1, 1), scale), torch.zeros(0))
+            assert torch.equal(q(x), fresh(x))
+        first = q(x)
+        q.input_quant.scale.mul_(2)  # in place, as load_state_dict writes it
+        assert not torch.equal(q(x), first)

@@ -86,7 +86,7 @@ def test_cpu_kernels_match_default(gen):
         fast = library.w8a8_linear(*lin[:-1], True)
     assert "onednn::qlinear_pointwise" in {e.key for e in prof.key_averages()}
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
-    assert len(lin[-2]) == 1  # the pack, kept in the store for the next call
+    assert len(lin[-2]) == 2  # the pack and the per-call constants, kept for the next call
     conv = _conv_args(gen)
     ref = library.w8a8_conv2d(*conv)
     with profile() as prof:
@@ -110,10 +110,11 @@ def test_torch_compile_traces_quantized_modules(gen):
 
 
 @pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 kernels")
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic", "w4a8"])
 def test_a_calibrated_w8a8_model_compiles_in_one_graph_on_its_int8_kernels(recipe):
     """Timestep groups chosen on-device, packs handed to the ops as an opaque store: no graph
-    break anywhere in the model, the same outputs as eager, oneDNN inside the compiled call."""
+    break anywhere in the model, the same outputs as eager, oneDNN inside the compiled call
+    (w4a8: on its int4_i8 weights' int8 products)."""
     from torch.profiler import profile
 
     import diffq

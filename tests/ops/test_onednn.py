@@ -161,3 +161,41 @@ def test_weight_only_int8_decode_kernel(rows, gen, monkeypatch):
     big = torch.randn(129, 256, generator=gen).to(dtype)  # > 128 rows (long prefill): the reference path
     ref_big, fast_big = _both(layer, big, expect_kernel=False)
     assert torch.equal(ref_big, fast_big)
+
+
+W4I8 = WeightSpec("int4_i8", "per_group", 32, clip="mse", scale_dtype="float16")
+
+
+@pytest.mark.parametrize("act", [ActivationSpec(), ActivationSpec(mode="dynamic", granularity="per_token")],
+                         ids=["static", "dynamic"])
+def test_int4_i8_layers_run_the_int8_kernels_on_their_products(act, gen):
+    """W4A8 with int4_i8 weights: the layer keeps nibbles + multipliers (state dict) and runs
+    oneDNN int8 on the int8 products, equal to the reference path."""
+    from diffq.nn.base import layer_kernels
+
+    lin, conv = nn.Linear(64, 48), nn.Conv2d(32, 24, 3, padding=1)
+    x, xc = torch.randn(5, 64, generator=gen), torch.randn(2, 32, 8, 8, generator=gen)
+    layers = [(QLinear(lin, W4I8, act), x), (QConv2d(conv, W4I8, act), xc)]
+    for layer, inp in layers:
+        layer = (layer if act.mode == "dynamic" else _static(layer, inp)).bfloat16()
+        ref, fast = _both(layer, inp.bfloat16())
+        assert _rel(fast, ref) < 1e-2
+        assert {k: v.dtype for k, v in layer.state_dict().items() if "weight" in k} == {
+            "qweight": torch.uint8, "weight_scale": torch.float16}
+        assert layer.weight_nbytes == layer.quantized_weight.nbytes < layer.qweight_compute.nbytes
+    kernels = layer_kernels(nn.ModuleList([m for m, _ in layers]))
+    assert all(k.startswith("oneDNN int8") and k.endswith("on int4_i8 codes")
+               for k in kernels.values()), kernels
+
+
+def test_int4_i8_layer_reloads_from_its_storage(gen):
+    lin = nn.Linear(64, 48)
+    act = ActivationSpec(mode="dynamic", granularity="per_token")
+    layer, blank = QLinear(lin, W4I8, act), QLinear(lin, W4I8, act, empty=True)
+    x = torch.randn(3, 64, generator=gen)
+    with torch.no_grad():
+        y = layer(x)
+        blank(x)  # packs its zero weight first: the reload must drop that pack
+        blank.load_state_dict(layer.state_dict())
+        assert torch.equal(blank.qweight_compute, layer.qweight_compute)
+        assert torch.equal(blank(x), y)
