@@ -11,7 +11,11 @@
    fp32 softmax, bf16 PV), at SD1.5's and SD3-medium's largest attention shapes;
 5. the per-call cost of a small W8A8 layer (dynamic, 8 x 384 x 384 bf16): the module, the op
    through torch.library's dispatcher, its implementation called directly (what eager CPU calls
-   run), against bf16 nn.Linear.
+   run), against bf16 nn.Linear;
+6. the other low-bit GEMMs torch has on CPU, which W4A8 with float group scales and fp8
+   activations would need: fp8 x fp8 `torch._scaled_mm` and dynamic int8 x int4 per-group
+   `aten._dyn_quant_matmul_4bit` (its x86 build has no KleidiAI), against bf16 and against
+   oneDNN int8 on int4_i8 codes (what diffq's W4A8 runs), at 64 x 1024 x 1024.
 
     python samples/bench_cpu_ops.py [--threads 1]
 """
@@ -128,6 +132,30 @@ def small_layer(g: torch.Generator) -> None:
           ", ".join(f"{k} {v * 1e3:.0f}" for k, v in us.items()))
 
 
+def low_bit_gemms(g: torch.Generator) -> None:
+    m, k, n, group = 64, 1024, 1024, 32
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    one = torch.tensor(1.0)
+    x8, w8t = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t()
+    nibbles = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    packed4 = torch.ops.aten._dyn_quant_pack_4bit_weight(
+        (nibbles[:, 1::2] << 4 | nibbles[:, ::2]).contiguous(), torch.rand(n, k // group, generator=g),
+        None, group, k, n)
+    qw = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8) * 16
+    u8 = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
+    packed, scale = onednn.pack_linear(qw), torch.rand(n, generator=g)
+    zeros = torch.zeros(n, dtype=torch.int32)
+    t = {"bf16 F.linear": ms(lambda: F.linear(xb, wb)),
+         "oneDNN int8 on int4_i8 codes": ms(lambda: torch.ops.onednn.qlinear_pointwise(
+             u8, 1.0, 128, packed, scale, zeros, None, 1.0, 0, torch.bfloat16, "none", [], "")),
+         "aten._dyn_quant_matmul_4bit (int8 x int4 g32)": ms(
+             lambda: torch.ops.aten._dyn_quant_matmul_4bit(x, packed4, group, k, n), n=5),
+         "torch._scaled_mm fp8 e4m3": ms(lambda: torch._scaled_mm(
+             x8, w8t, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), n=1)}
+    print(f"\n{m} x {k} x {n} low-bit GEMMs, ms: " + ", ".join(f"{a} {v:.2f}" for a, v in t.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -141,6 +169,7 @@ def main() -> None:
         gelu(g)
         attention(g)
         small_layer(g)
+        low_bit_gemms(g)
 
 
 if __name__ == "__main__":
