@@ -31,21 +31,27 @@ _INT4 = get_format("int4")
 def _multipliers(wb: torch.Tensor, row: torch.Tensor, clip: str) -> torch.Tensor:
     """Integer multiplier u [O, G, 1] (float) of each group of wb [O, G, g] on row scales
     [O, 1, 1]: the smallest that holds the group's range (q = 7 at its largest value), or with
-    clip "mse" the one of 1..16 whose rounding error is smallest."""
+    clip "mse" the one of it and the three below whose rounding error is smallest (a search
+    of all 16 found the same error to 0.1 % on tiny-dit's weights)."""
+    top = torch.ceil(wb.abs().amax(-1, keepdim=True) / (_INT4.qmax * row)).clamp(1, U_MAX)
     if clip != "mse":
-        u = torch.ceil(wb.abs().amax(-1, keepdim=True) / (_INT4.qmax * row))
-        return u.clamp(1, U_MAX)
+        return top
     best_u = best_err = None
-    for u in range(1, U_MAX + 1):
-        step = row * u
-        err = ((wb / step).round().clamp(_INT4.qmin, _INT4.qmax) * step - wb).pow(2).sum(-1, keepdim=True)
+    for down in range(4):
+        u = (top - down).clamp(min=1)
+        err = _error(wb, row * u).sum(-1, keepdim=True)
         if best_u is None:
-            best_u, best_err = torch.ones_like(err), err
+            best_u, best_err = u, err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_u = torch.where(better, torch.full_like(err, u), best_u)
+        best_u = torch.where(better, u, best_u)
     return best_u
+
+
+def _error(wb: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Squared rounding error of wb on the int4 grid of `step`."""
+    return ((wb / step).round().clamp(_INT4.qmin, _INT4.qmax) * step - wb).pow(2)
 
 
 def _products(wb: torch.Tensor, row: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -94,9 +100,29 @@ class Int4OnInt8(StorageFormat):
         return (out, 1)
 
     def row_scale(self, w, layout, clip):
-        """s [O, 1] (in the stored dtype's values): the row's largest weight at q * u = 112."""
-        s = (w.abs().amax(-1, keepdim=True) / (_INT4.qmax * U_MAX)).to(layout.scale_dtype).float()
-        return torch.where(s > 0, s, torch.ones_like(s))
+        """s [O, 1] (in the stored dtype's values): the row's largest weight at q * u = 112, or
+        with clip "mse" that range shrunk by the one of 9 ratios in [0.6, 1] whose row error
+        (each group at its best multiplier) is smallest: small-range groups get finer
+        multiples (tiny-dit's weights, g = 128: relative error 0.00787 -> 0.00775, as with
+        free fp16 group scales)."""
+        amax = w.abs().amax(-1, keepdim=True)
+        ratios = torch.linspace(1.0, 0.6, 9).tolist() if clip == "mse" else [1.0]
+        wb = w.reshape(w.shape[0], -1, layout.group_size)
+        best = best_err = None
+        for r in ratios:
+            s = (amax * r / (_INT4.qmax * U_MAX)).to(layout.scale_dtype).float()
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            if len(ratios) == 1:
+                return s
+            step = s[:, :, None] * _multipliers(wb, s[:, :, None], clip)
+            err = _error(wb, step).sum((1, 2))[:, None]
+            if best is None:
+                best, best_err = s, err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s, best)
+        return best
 
     def round(self, w, layout, clip="none"):
         row = self.row_scale(w, layout, clip)

@@ -56,15 +56,18 @@ def test_error_is_close_to_float_group_scales_and_far_below_per_channel_int4(gen
         "int4_i8": _spec(clip="mse"),
         "int4 g32": WeightSpec("int4", "per_group", G, clip="mse", scale_dtype="float16"),
         "int4 per channel": WeightSpec("int4", "per_channel", clip="mse")}.items()}
-    assert err["int4_i8"] < 1.25 * err["int4 g32"], err
+    assert err["int4_i8"] < 1.1 * err["int4 g32"], err
     assert err["int4_i8"] < 0.5 * err["int4 per channel"], err
 
 
-def test_mse_multipliers_are_never_worse_than_the_range(gen):
+def test_mse_search_is_never_worse_than_the_range_on_any_row(gen):
+    """clip "mse" searches the row scale and each group's multiplier; the plain range (ratio
+    1, the smallest multiplier that holds each group) is among its candidates."""
     w = _weight(gen)
     rtn, mse = (quantize_weight(w, _spec(clip=c)).dequantize() for c in ("none", "mse"))
-    per_group = lambda d: (d - w).pow(2).reshape(48, -1, G).sum(-1)  # noqa: E731
-    assert (per_group(mse) <= per_group(rtn) + 1e-6).all()
+    per_row = lambda d: (d - w).pow(2).sum(-1)  # noqa: E731
+    assert (per_row(mse) <= per_row(rtn) * (1 + 1e-6)).all()
+    assert per_row(mse).sum() < 0.95 * per_row(rtn).sum()
 
 
 def test_store_factors_any_codes_on_the_grid_and_refuses_others(gen):

@@ -83,6 +83,23 @@ def test_pipeline_config_quantizes_unet_and_text_encoder_and_round_trips(tmp_pat
     assert (images(again) == before).all()
 
 
+def test_int4_i8_pipeline_reloads_its_products_from_the_checkpoint(tmp_path):
+    """diffusers and transformers assign the stored tensors on load: the int8 products the
+    kernels multiply are remade from them, so the reload computes the same images."""
+    recipe = {"name": "w4i8-weights", "weights": {"format": "int4_i8", "granularity": "per_group",
+                                                  "group_size": 32}}
+    pq = PipelineQuantizationConfig(quant_backend="diffq", quant_kwargs={"recipe": recipe},
+                                    components_to_quantize=["unet", "text_encoder"])
+    pipe = DiffusionPipeline.from_pretrained(MODEL, quantization_config=pq)
+    conv = pipe.unet.down_blocks[0].resnets[0].conv1
+    assert conv.qweight.dtype == torch.uint8 and conv.weight_layout.format == "int4_i8"
+    before = images(pipe)
+    pipe.save_pretrained(tmp_path / "q")
+    again = DiffusionPipeline.from_pretrained(tmp_path / "q")
+    assert torch.equal(again.unet.down_blocks[0].resnets[0].conv1.qweight_compute, conv.qweight_compute)
+    assert (images(again) == before).all()
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """tiny-sd with a W8A8 UNet (4 timestep groups, split skip concats), saved with save_pretrained."""

@@ -94,3 +94,26 @@ def test_cuda_kernels_take_every_argument_of_their_op():
     for op, kernel in pairs.items():
         schema = getattr(torch.ops.diffq, op).default._schema
         assert list(inspect.signature(kernel).parameters) == [a.name for a in schema.arguments], op
+
+
+def test_every_shipped_scheme_with_int8_activations_runs_a_real_cpu_kernel():
+    """Each built-in recipe's weight layouts (mixed-precision candidates included) with its
+    activations: no layer that says int8 activations is simulated on this CPU. What stays
+    simulated is named: fp8 activations (no fp8 GEMM on x86, see bench_cpu_ops section 6)."""
+    from diffq.core.recipe import builtin_recipes, load_recipe
+    from diffq.ops import kernel_of, onednn
+
+    if not onednn.available():
+        pytest.skip("no oneDNN int8 kernels")
+    simulated = {}
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        if r.activations is None:
+            continue
+        specs = [r.weights] + (list(r.mixed.candidates) if r.mixed else [])
+        for spec in specs:
+            for conv in (False, True):
+                k = kernel_of(spec.layout(), r.activations, conv=conv)
+                if "simulated" in k:
+                    simulated.setdefault(name, set()).add(k)
+    assert simulated == {"fp8": {"reference (fp8_e4m3 activations simulated)"}}, simulated
