@@ -44,7 +44,7 @@ def group_qparams(w: torch.Tensor, spec: WeightSpec, row: torch.Tensor | None = 
     return QParams(qp.scale.to(layout.scale_dtype).float(), qp.zero_point)
 
 
-def _round_column(col: torch.Tensor, qp: QParams, spec: WeightSpec, row: torch.Tensor | None = None
+def round_column(col: torch.Tensor, qp: QParams, spec: WeightSpec, row: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One column [O] -> (codes [O] unpacked, dequantized values [O] in col's dtype)."""
     storage = spec.layout().storage
@@ -145,7 +145,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, block_si
             g = gid[i1 + i]
             if qps[g] is None:
                 qps[g] = group_qparams(_current(w, w1, err1, u, i1, i, pos[members[g]]), spec, row)
-            q, deq = _round_column(w1[:, i], qps[g], spec, row)
+            q, deq = round_column(w1[:, i], qps[g], spec, row)
             codes[:, i1 + i] = q
             e = (w1[:, i] - deq) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
@@ -165,31 +165,3 @@ def _current(w, w1, err1, u, i1: int, i: int, cols: torch.Tensor) -> torch.Tenso
     if len(later):
         out[:, ~inside] = w[:, later] - err1[:, :i] @ u[i1:i1 + i, later]
     return out
-
-
-@torch.no_grad()
-def naive_obq(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
-              act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01
-              ) -> torch.Tensor:
-    """Reference for tests: the OBS update of every column, one at a time, on the explicit
-    float64 inverse Hessian with the quantized column eliminated after each step (OBQ eq. 3-4);
-    no Cholesky, no blocking. Returns the dequantized weight [O, K] in float64."""
-    w = weight.detach().reshape(weight.shape[0], -1).double()
-    h, w = prepare_hessian(hessian.double(), w, percdamp)
-    groups = column_groups(spec, w.shape[1])
-    members = [torch.nonzero(groups == g).flatten() for g in range(int(groups.max()) + 1)]
-    row = spec.layout().storage.row_scale(w, spec.layout(), spec.clip)
-    qps: list[QParams | None] = [None] * len(members)
-    if static_groups:
-        qps = [group_qparams(w[:, m], spec, row) for m in members]
-    hinv = torch.linalg.inv(h)
-    for q in column_order(h, act_order).tolist():
-        g = int(groups[q])
-        if qps[g] is None:
-            qps[g] = group_qparams(w[:, members[g]], spec, row)
-        _, deq = _round_column(w[:, q], qps[g], spec, row)
-        err = (w[:, q] - deq) / hinv[q, q]
-        w -= err[:, None] * hinv[q][None, :]
-        w[:, q] = deq  # equal up to rounding; make the quantized column exact
-        hinv -= hinv[:, q:q + 1] @ hinv[q:q + 1, :] / hinv[q, q]
-    return w

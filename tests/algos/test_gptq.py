@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from diffq.algos.gptq import gptq, naive_obq
+from diffq.algos.gptq import gptq
 from diffq.algos.hessian import hessian_error, update_hessian
 from diffq.core.recipe import WeightSpec
 from diffq.core.weights import quantize_weight
+from tests.algos.naive_obq import naive_obq
 
 
 def correlated_layer(g: torch.Generator, o: int, k: int, n: int, dtype=torch.float32):

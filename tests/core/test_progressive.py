@@ -3,11 +3,12 @@ group quantization), stored as nibbles + multiplier bytes, multiplied as int8 co
 import pytest
 import torch
 
-from diffq.algos.gptq import gptq, naive_obq
+from diffq.algos.gptq import gptq
 from diffq.core.progressive import U_MAX
 from diffq.core.recipe import WeightSpec
 from diffq.core.weights import QuantizedWeight, quantize_weight
 from diffq.errors import RecipeError
+from tests.algos.naive_obq import naive_obq
 
 G = 32
 
