@@ -32,7 +32,7 @@ def _multipliers(wb: torch.Tensor, row: torch.Tensor, clip: str) -> torch.Tensor
     """Integer multiplier u [O, G, 1] (float) of each group of wb [O, G, g] on row scales
     [O, 1, 1]: the smallest that holds the group's range (q = 7 at its largest value), or with
     clip "mse" the one of it and the three below whose rounding error is smallest (a search
-    of all 16 found the same error to 0.1 % on tiny-dit's weights)."""
+    of all 16 found the same error to 0.1 % on tiny-dit's weights, one-off)."""
     top = torch.ceil(wb.abs().amax(-1, keepdim=True) / (_INT4.qmax * row)).clamp(1, U_MAX)
     if clip != "mse":
         return top
@@ -104,7 +104,7 @@ class Int4OnInt8(StorageFormat):
         with clip "mse" that range shrunk by the one of 9 ratios in [0.6, 1] whose row error
         (each group at its best multiplier) is smallest: small-range groups get finer
         multiples (tiny-dit's weights, g = 128: relative error 0.00787 -> 0.00775, as with
-        free fp16 group scales)."""
+        free fp16 group scales; a one-off measurement)."""
         amax = w.abs().amax(-1, keepdim=True)
         ratios = torch.linspace(1.0, 0.6, 9).tolist() if clip == "mse" else [1.0]
         wb = w.reshape(w.shape[0], -1, layout.group_size)
