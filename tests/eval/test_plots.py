@@ -2,7 +2,7 @@
 import torch
 
 from diffq.calib.collector import LayerStats
-from diffq.eval.plots import activation_range_plot, distinct_inputs, draw_optional
+from diffq.eval.plots import activation_range_plot, distinct_inputs, draw_optional, verification_plot
 
 
 def _stats(scale: float) -> LayerStats:
@@ -27,3 +27,14 @@ def test_a_failing_figure_is_one_warning():
 
     assert draw_optional("x.png", broken) == ([], "x.png not drawn: ValueError: no data")
     assert draw_optional("y.png", lambda: ["y.png"]) == (["y.png"], None)
+
+
+def test_verification_figure_draws_every_choice_the_verifier_makes(tmp_path):
+    """Widened layers are recorded as "dynamic (widened)" / "weight-only (widened)" (a Conv2d
+    falls back to int8 weights with float inputs): the figure draws them, it does not fail."""
+    sqnr = {"static": 30.0, "dynamic": 40.0, "percentile": 35.0}
+    choices = ["static", "percentile", "dynamic", "dynamic (widened)", "weight-only (widened)", "float"]
+    v = {"calls": 8, "sqnr_db": 33.0, "dynamic_sqnr_db": 36.0,
+         "layers": {f"l{i}": {"sqnr_db": sqnr, "choice": c} for i, c in enumerate(choices)}}
+    assert verification_plot(v, tmp_path) == ["verification.png"]
+    assert (tmp_path / "verification.png").stat().st_size > 0
