@@ -42,22 +42,34 @@ def mse_clip_qparams(
     return best
 
 
+def best_of(candidates, error):
+    """The candidate tensor whose `error` is smallest, chosen per element of the error's shape
+    (which broadcasts against the candidates); the first wins ties."""
+    best = best_err = None
+    for c in candidates:
+        err = error(c)
+        if best is None:
+            best, best_err = c, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, c, best)
+    return best
+
+
 def _symmetric_int_search(xb, dims, fmt: Format, grid: int, min_ratio: float, norm: float) -> QParams:
     """Same search as the general path, in place on one buffer: the hot loop of weight
     quantization for large models."""
     amax = xb.abs().amax(dim=dims, keepdim=True)
-    best_scale, best_err = None, None
     buf = torch.empty_like(xb)
-    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
-        scale = amax * ratio / fmt.qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        torch.div(xb, scale, out=buf)
-        buf.round_().clamp_(fmt.qmin, fmt.qmax).mul_(scale).sub_(xb).abs_()
-        err = (buf.pow_(norm) if norm != 1 else buf).sum(dim=dims, keepdim=True)
-        if best_scale is None:
-            best_scale, best_err = scale, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-    return QParams(best_scale)
+
+    def scale(ratio: float) -> torch.Tensor:
+        s = amax * ratio / fmt.qmax
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    def error(s: torch.Tensor) -> torch.Tensor:
+        torch.div(xb, s, out=buf)
+        buf.round_().clamp_(fmt.qmin, fmt.qmax).mul_(s).sub_(xb).abs_()
+        return (buf.pow_(norm) if norm != 1 else buf).sum(dim=dims, keepdim=True)
+
+    return QParams(best_of((scale(r) for r in torch.linspace(1.0, min_ratio, grid).tolist()), error))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from diffq.core.clip import best_of
 from diffq.core.formats import get_format
 from diffq.core.granularity import PerChannel, PerGroup
 from diffq.core.pack import pack_int4, unpack_int4
@@ -28,6 +29,16 @@ U_MAX = 16  # largest group multiplier: 7 * 16 = 112 and -8 * 16 = -128 stay int
 _INT4 = get_format("int4")
 
 
+def _q(wb: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """int4 codes (float) of wb on the grid of `step`."""
+    return (wb / step).round().clamp(_INT4.qmin, _INT4.qmax)
+
+
+def _error(wb: torch.Tensor, step: torch.Tensor, dims) -> torch.Tensor:
+    """Squared rounding error of wb on the int4 grid of `step`, summed over `dims`."""
+    return (_q(wb, step) * step - wb).pow(2).sum(dims, keepdim=True)
+
+
 def _multipliers(wb: torch.Tensor, row: torch.Tensor, clip: str) -> torch.Tensor:
     """Integer multiplier u [O, G, 1] (float) of each group of wb [O, G, g] on row scales
     [O, 1, 1]: the smallest that holds the group's range (q = 7 at its largest value), or with
@@ -36,28 +47,12 @@ def _multipliers(wb: torch.Tensor, row: torch.Tensor, clip: str) -> torch.Tensor
     top = torch.ceil(wb.abs().amax(-1, keepdim=True) / (_INT4.qmax * row)).clamp(1, U_MAX)
     if clip != "mse":
         return top
-    best_u = best_err = None
-    for down in range(4):
-        u = (top - down).clamp(min=1)
-        err = _error(wb, row * u).sum(-1, keepdim=True)
-        if best_u is None:
-            best_u, best_err = u, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_u = torch.where(better, u, best_u)
-    return best_u
-
-
-def _error(wb: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Squared rounding error of wb on the int4 grid of `step`."""
-    return ((wb / step).round().clamp(_INT4.qmin, _INT4.qmax) * step - wb).pow(2)
+    return best_of(((top - down).clamp(min=1) for down in range(4)), lambda u: _error(wb, row * u, -1))
 
 
 def _products(wb: torch.Tensor, row: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """int8 codes q * u of wb [.., g] with q = round(w / (row * u)) in [-8, 7]."""
-    q = (wb / (row * u)).round().clamp(_INT4.qmin, _INT4.qmax)
-    return (q * u).to(torch.int8)
+    return (_q(wb, row * u) * u).to(torch.int8)
 
 
 def _group_gcd(codes: torch.Tensor) -> torch.Tensor:
@@ -87,9 +82,6 @@ class Int4OnInt8(StorageFormat):
     def bits(self) -> int:
         return 4
 
-    def int8_codes(self, layout: Layout) -> bool:
-        return True
-
     def compute_layout(self, layout):
         return Layout("int8", PerChannel(0), layout.scale_dtype, True)
 
@@ -106,23 +98,20 @@ class Int4OnInt8(StorageFormat):
         multiples (tiny-dit's weights, g = 128: relative error 0.00787 -> 0.00775, as with
         free fp16 group scales; a one-off measurement)."""
         amax = w.abs().amax(-1, keepdim=True)
-        ratios = torch.linspace(1.0, 0.6, 9).tolist() if clip == "mse" else [1.0]
+
+        def scale(ratio: float) -> torch.Tensor:
+            s = (amax * ratio / (_INT4.qmax * U_MAX)).to(layout.scale_dtype).float()
+            return torch.where(s > 0, s, torch.ones_like(s))
+
+        if clip != "mse":
+            return scale(1.0)
         wb = w.reshape(w.shape[0], -1, layout.group_size)
-        best = best_err = None
-        for r in ratios:
-            s = (amax * r / (_INT4.qmax * U_MAX)).to(layout.scale_dtype).float()
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            if len(ratios) == 1:
-                return s
-            step = s[:, :, None] * _multipliers(wb, s[:, :, None], clip)
-            err = _error(wb, step).sum((1, 2))[:, None]
-            if best is None:
-                best, best_err = s, err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, s, best)
-        return best
+
+        def row_error(s: torch.Tensor) -> torch.Tensor:
+            s = s[:, :, None]
+            return _error(wb, s * _multipliers(wb, s, clip), (1, 2))[:, :, 0]
+
+        return best_of((scale(r) for r in torch.linspace(1.0, 0.6, 9).tolist()), row_error)
 
     def round(self, w, layout, clip="none"):
         row = self.row_scale(w, layout, clip)
