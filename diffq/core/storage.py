@@ -76,12 +76,6 @@ class Layout:
         """keepdim shape of the scales over the blocked [O, (K/g, g | K)] view."""
         return self.storage.scale_shape(out, k, self)
 
-    @property
-    def int8_codes(self) -> bool:
-        """Whether the codes are symmetric int8 with one scale per output channel (or tensor):
-        what the int8 kernels multiply."""
-        return self.storage.int8_codes(self)
-
     def zero_point_shape(self, out: int, k: int) -> tuple[int, ...] | None:
         return None if self.symmetric else self.scale_shape(out, k)
 
@@ -116,9 +110,6 @@ class StorageFormat:
     def bits(self) -> int:
         """Bits a weight costs before scales (the mixed-precision candidates' key)."""
         return self.grid.bits
-
-    def int8_codes(self, layout: Layout) -> bool:
-        return self.name == "int8" and layout.symmetric and not isinstance(layout.granularity, PerGroup)
 
     @property
     def code_dtype(self) -> torch.dtype:

@@ -69,7 +69,7 @@ class DiffqQuantizer(DiffusersQuantizer):
         value = state_dict[param_name] if state_dict is not None and param_name in state_dict else param_value
         self.check_quantized_param_shape(param_name, owner._buffers[key], value)
         owner._buffers[key] = value.to(device=target_device, dtype=owner._buffers[key].dtype)
-        layer.storage_changed()
+        layer.kernel_cache.clear()  # the compute codes are remade once, when loading ends (finish)
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=(), **kwargs):
         prepare(model, self.quantization_config, self.pre_quantized, keep_in_fp32_modules or ())

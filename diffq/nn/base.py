@@ -148,7 +148,7 @@ class QuantizedLayer(nn.Module):
         if self._compute_layout is None:
             return self.quantized_weight
         if not torch.compiler.is_compiling() and self._compute_of != self._storage_key():
-            self.storage_changed()  # storage loaded by assignment (diffusers / transformers loaders)
+            self.storage_changed()  # stored tensors assigned by code that did not say so
         return QuantizedWeight(self.qweight_compute, self.weight_scale, None, self._compute_layout,
                                self.weight_shape)
 

@@ -19,15 +19,11 @@ from torch import Tensor
 _QMIN, _QMAX, _ZP = -128, 127, 128
 
 
-def _codes(x: Tensor, scale: Tensor) -> Tensor:
+def _u8_static(x: Tensor, scale: Tensor) -> Tensor:
+    """oneDNN u8 codes (int8 code + 128) of x with a broadcastable fp32 scale tensor."""
     # in place on the one fp32 temporary (eager calls on small inputs allocate once, not four
     # times); compiled, the same loop
     return torch.div(x.float(), scale).round_().clamp_(_QMIN, _QMAX).add_(_ZP).to(torch.uint8)
-
-
-def _u8_static(x: Tensor, scale: Tensor) -> Tensor:
-    """oneDNN u8 codes (int8 code + 128) of x with a broadcastable fp32 scale tensor."""
-    return _codes(x, scale)
 
 
 def _u8_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,7 +31,7 @@ def _u8_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.float()
     s = xf.abs().amax(-1, keepdim=True).div_(_QMAX)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return _codes(xf, s), s
+    return _u8_static(xf, s), s
 
 
 POSTS = ("", "gelu", "gelu_tanh")  # activations a Linear may apply to its own output

@@ -109,10 +109,6 @@ def constants(w_scale: Tensor, bias: Tensor | None, groups: int = 1) -> Constant
     return Constants(scales, _zeros(len(scales)), b)
 
 
-def _scale_tensor(scale: float) -> Tensor:
-    return torch.tensor([scale], dtype=torch.float32)
-
-
 def _zeros(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int32)
 
