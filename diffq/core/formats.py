@@ -42,6 +42,8 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("int8", 8, "int", -128, 127, torch.int8),
+        # int8 storage on half the grid: CPUs without VNNI multiply these unsplit (diffq.ops.onednn)
+        Format("int7", 7, "int", -64, 63, torch.int8),
         Format("int4", 4, "int", -8, 7, torch.uint8, packed=True),
         Format("fp8_e4m3", 8, "float", -448.0, 448.0, torch.float8_e4m3fn),
         Format("fp8_e5m2", 8, "float", -57344.0, 57344.0, torch.float8_e5m2),

@@ -14,7 +14,7 @@ from diffq.core.granularity import Granularity, PerChannel, PerGroup, PerTensor,
 from diffq.core.storage import Layout, storage_format
 from diffq.errors import RecipeError
 
-WeightFormat = Literal["int8", "int4", "int4_i8", "fp8_e4m3", "fp8_e5m2", "nf4", "q8_0"]
+WeightFormat = Literal["int8", "int7", "int4", "int4_i8", "fp8_e4m3", "fp8_e5m2", "nf4", "q8_0"]
 # what a layer does in the network, found by tracing one call (see diffq.calib.structure)
 Role = Literal["input", "output", "embedding", "modulation", "context", "skip"]
 

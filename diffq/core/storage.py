@@ -224,7 +224,7 @@ def storage_formats() -> tuple[str, ...]:
     return FORMATS.names()
 
 
-for _f in (StorageFormat("int8"), Int4("int4"), StorageFormat("fp8_e4m3"),
+for _f in (StorageFormat("int8"), StorageFormat("int7"), Int4("int4"), StorageFormat("fp8_e4m3"),
            StorageFormat("fp8_e5m2"), NF4("nf4")):
     register_format(_f)
 

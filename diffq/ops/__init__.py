@@ -30,9 +30,12 @@ BACKENDS = ("auto", "reference")
 quantize_activation = reference.quantize_activation
 
 
+_INT8_CODES = ("int8", "int7")  # int7: int8 codes on half the grid (unsplit on CPUs without VNNI)
+
+
 def _int8_per_channel(layout) -> bool:
     """Symmetric int8 with one scale per output channel (or tensor): what the kernels take."""
-    return layout.format == "int8" and layout.symmetric and layout.group_size is None
+    return layout.format in _INT8_CODES and layout.symmetric and layout.group_size is None
 
 
 def _cached(cache: Kernels | None, key: tuple, make):
@@ -92,6 +95,9 @@ def kernel_of(layout, act, conv: bool, device: str = "cpu", pointwise: bool = Fa
     if compute is not None:  # int4_i8: the kernels take its int8 products
         return f"{kernel_of(compute, act, conv, device, pointwise)} on {layout.format} codes"
     if act is not None and act.format == "int8" and act.symmetric and _int8_per_channel(layout):
+        if layout.format != "int8":  # int7: int8 codes on half the grid
+            as_int8 = kernel_of(replace(layout, format="int8"), act, conv, device, pointwise)
+            return f"{as_int8} on {layout.format} codes"
         if act.mode == "static":
             if device == "cuda":
                 return "Triton int8"

@@ -7,9 +7,11 @@ convolution per channel segment, summed.
 
 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply u8 x s8 with vpmaddubsw, which
 saturates each pair of products at int16: full-range codes give wrong sums (up to 1e5 off).
-There every weight is split into two halves whose pair sums cannot saturate, hi = clamp(q, -64,
-63) and lo = q - hi (|lo| <= 64), packed as one weight of twice the output channels; the two
-halves of the output are added. Exact, at twice the multiply work.
+There a weight with codes beyond [-64, 64] is split into two halves whose pair sums cannot
+saturate, hi = clamp(q, -64, 63) and lo = q - hi (|lo| <= 64), packed as one weight of twice the
+output channels; the two halves of the output are added. Exact, at twice the multiply work, and
+with the bias and the activation added after the join instead of inside the kernel. Weights on
+the int7 grid (codes in [-64, 63]: 255 x 64 x 2 = 32640 fits int16) run unsplit.
 """
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, 
 
 def available() -> bool:
     return _AVAILABLE
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 / AMX, or AVX-512 conversions
+    oneDNN uses); without it (AVX2) a bf16 GEMM ran 7x slower than fp32 (2-core EPYC, one run
+    of 256x1024x1024), so fp32 is what a user runs there."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return probe is not None and bool(probe())
 
 
 _SATURATES: list[bool] = []  # the answer, once measured (a fact of this host, never changes)
@@ -51,24 +61,32 @@ def _measure_saturation() -> bool:
     return float(y[0, 0]) != 255.0 * 127 * 64
 
 
-def _split(qweight: Tensor, groups: int = 1) -> Tensor:
-    """Codes as [hi; lo] within each group's output channels on saturating CPUs, else as is."""
-    if not saturates():
+_SAFE = 64  # |code| <= 64 never saturates a pair: 255 x 64 x 2 = 32640 <= 32767
+
+
+def needs_split(qweight: Tensor) -> bool:
+    """Whether `qweight` runs split on this CPU: it saturates and some code lies beyond +-64."""
+    return saturates() and bool((qweight < -_SAFE).any() | (qweight > _SAFE).any())
+
+
+def _split(qweight: Tensor, groups: int, split: bool) -> Tensor:
+    """Codes as [hi; lo] within each group's output channels when `split`, else as they are."""
+    if not split:
         return qweight
-    hi = qweight.clamp(-64, 63)
+    hi = qweight.clamp(-_SAFE, _SAFE - 1)
     per_group = lambda t: t.unflatten(0, (groups, -1))  # noqa: E731
     return torch.cat([per_group(hi), per_group(qweight - hi)], dim=1).flatten(0, 1)
 
 
-def _scales(w_scale: Tensor, groups: int = 1) -> Tensor:
+def _scales(w_scale: Tensor, groups: int, split: bool) -> Tensor:
     """Per-output-channel scales laid out as `_split` lays out the codes."""
     w_scale = w_scale.float()
-    return w_scale.unflatten(0, (groups, -1)).repeat(1, 2).flatten() if saturates() else w_scale
+    return w_scale.unflatten(0, (groups, -1)).repeat(1, 2).flatten() if split else w_scale
 
 
-def _join(y: Tensor, dim: int, groups: int = 1) -> Tensor:
+def _join(y: Tensor, dim: int, groups: int, split: bool) -> Tensor:
     """The output of a split weight (channels on `dim` >= 0): each group's hi and lo added."""
-    if not saturates():
+    if not split:
         return y
     return y.unflatten(dim, (groups, 2, -1)).sum(dim + 1).flatten(dim, dim + 1)
 
@@ -77,18 +95,19 @@ def can_pack_conv(padding, groups: int, segments: list[int]) -> bool:
     return available() and not isinstance(padding, str) and (groups == 1 or len(segments) == 1)
 
 
-def pack_linear(qweight: Tensor) -> Tensor:
-    return torch.ops.onednn.qlinear_prepack(_split(qweight).contiguous(), None)
+def pack_linear(qweight: Tensor, split: bool) -> Tensor:
+    return torch.ops.onednn.qlinear_prepack(_split(qweight, 1, split).contiguous(), None)
 
 
 def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments: list[int],
-              stride, padding, dilation, groups: int) -> list[Tensor]:
-    """One pack per input channel segment (weight columns of that segment)."""
+              stride, padding, dilation, groups: int, split: bool) -> list[Tensor]:
+    """One pack per input channel segment (weight columns of that segment); `split` as
+    `needs_split` says of the whole weight."""
     packs, start = [], 0
     for size, xs in zip(segments, x_scales, strict=True):
         w = qweight if len(segments) == 1 else qweight[:, start:start + size]
         packs.append(torch.ops.onednn.qconv_prepack(
-            _split(w, groups).contiguous(), _scales(w_scale, groups), xs, _U8_ZP, list(stride),
+            _split(w, groups, split).contiguous(), _scales(w_scale, groups, split), xs, _U8_ZP, list(stride),
             list(padding), list(dilation), groups, None))
         start += size
     return packs
@@ -101,12 +120,13 @@ class Constants(NamedTuple):
     scales: Tensor  # fp32 per-output-channel weight scales, laid out as the packed weight
     zeros: Tensor  # int32 zero points of those channels (oneDNN wants them)
     bias: Tensor | None  # fp32 bias the kernel adds; None if none, or on a split weight
+    split: bool  # the weight is packed as [hi; lo] (`needs_split`)
 
 
-def constants(w_scale: Tensor, bias: Tensor | None, groups: int = 1) -> Constants:
-    scales = _scales(w_scale, groups).contiguous()
-    b = None if bias is None or saturates() else bias.float().contiguous()
-    return Constants(scales, _zeros(len(scales)), b)
+def constants(w_scale: Tensor, bias: Tensor | None, groups: int, split: bool) -> Constants:
+    scales = _scales(w_scale, groups, split).contiguous()
+    b = None if bias is None or split else bias.float().contiguous()
+    return Constants(scales, _zeros(len(scales)), b, split)
 
 
 def _zeros(n: int) -> Tensor:
@@ -119,14 +139,14 @@ _POST_OPS = {"": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "
 def linear_packed(x: Tensor, packed: Tensor, c: Constants, bias, x_scale: Tensor, post: str = "") -> Tensor:
     """The static W8A8 linear; `x_scale` [1] fp32; `post` (see fused.POSTS) runs as oneDNN's
     post-op."""
-    split = saturates()
+    split = c.split
     name, algorithm = _POST_OPS["" if split else post]
     y = torch.ops.onednn.qlinear_pointwise(
         fused.u8_static(x, x_scale), float(x_scale), _U8_ZP, packed, c.scales, c.zeros, c.bias, 1.0, 0,
         x.dtype, name, [], algorithm)
     if not split:
         return y
-    y = _join(y, y.dim() - 1)
+    y = _join(y, y.dim() - 1, 1, True)
     y = y if bias is None else y.add_(bias.to(y.dtype))
     return fused.apply_post(y, post)
 
@@ -136,7 +156,7 @@ def linear_u8(u8: Tensor, packed: Tensor, c: Constants) -> Tensor:
     unit input scale (the caller applies the activation scales and the bias to its output)."""
     y = torch.ops.onednn.qlinear_pointwise(
         u8, 1.0, _U8_ZP, packed, c.scales, c.zeros, None, 1.0, 0, torch.float32, "none", [], "")
-    return _join(y, 1)
+    return _join(y, 1, 1, c.split)
 
 
 def linear_packed_dynamic(x: Tensor, packed: Tensor, c: Constants, bias, post: str = "") -> Tensor:
@@ -157,18 +177,19 @@ def conv2d_packed(x: Tensor, packs: list[Tensor], c: Constants, bias, x_scales: 
         y = torch.ops.onednn.qconv2d_pointwise(
             qx, xs, _U8_ZP, packs[i], c.scales, c.zeros, c.bias if i == 0 else None, list(stride),
             list(padding), list(dilation), groups, 1.0, 0, x.dtype, "none", [], None)
-        y = _join(y, 1, groups)
+        y = _join(y, 1, groups, c.split)
         out = y if out is None else out.add_(y)
         start += size
-    if saturates() and bias is not None:
+    if c.split and bias is not None:
         out = out.add_(bias.to(out.dtype).reshape(1, -1, 1, 1))
     return out
 
 
-def pack_conv_u8(qweight: Tensor, w_scale: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+def pack_conv_u8(qweight: Tensor, w_scale: Tensor, stride, padding, dilation, groups: int,
+                 split: bool) -> Tensor:
     """A convolution pack for codes with unit input scale (`conv2d_u8`)."""
     return pack_conv(qweight, w_scale, [1.0], [qweight.shape[1] * groups], stride, padding, dilation,
-                     groups)[0]
+                     groups, split)[0]
 
 
 def conv2d_u8(u8: Tensor, pack: Tensor, c: Constants, stride, padding, dilation, groups: int) -> Tensor:
@@ -177,7 +198,7 @@ def conv2d_u8(u8: Tensor, pack: Tensor, c: Constants, stride, padding, dilation,
     y = torch.ops.onednn.qconv2d_pointwise(
         u8, 1.0, _U8_ZP, pack, c.scales, c.zeros, None, list(stride), list(padding),
         list(dilation), groups, 1.0, 0, torch.float32, "none", [], None)
-    return _join(y, 1, groups)
+    return _join(y, 1, groups, c.split)
 
 
 def conv2d_packed_dynamic(x: Tensor, pack: Tensor, c: Constants, bias, stride, padding,

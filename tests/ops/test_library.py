@@ -86,7 +86,8 @@ def test_cpu_kernels_match_default(gen):
         fast = library.w8a8_linear(*lin[:-1], True)
     assert "onednn::qlinear_pointwise" in {e.key for e in prof.key_averages()}
     assert float((fast - ref).norm() / ref.norm()) < 1e-5
-    assert len(lin[-2]) == 2  # the pack and the per-call constants, kept for the next call
+    # the pack, the per-call constants and whether the weight runs split, kept for the next call
+    assert {k[0] for k in lin[-2]} == {"linear", "constants", "split"}
     conv = _conv_args(gen)
     ref = library.w8a8_conv2d(*conv)
     with profile() as prof:

@@ -199,3 +199,46 @@ def test_int4_i8_layer_reloads_from_its_storage(gen):
         blank.load_state_dict(layer.state_dict())
         assert torch.equal(blank.qweight_compute, layer.qweight_compute)
         assert torch.equal(blank(x), y)
+
+
+W7 = WeightSpec("int7", "per_channel", clip="mse")
+
+
+@pytest.mark.parametrize("saturating", [False, True])
+@pytest.mark.parametrize("post", ["", "gelu_tanh"])
+def test_only_weights_beyond_half_the_grid_run_split(saturating, post, gen, monkeypatch):
+    """Where u8 x s8 pairs saturate (no VNNI) an int8 weight runs split into hi / lo halves
+    (twice the output channels, bias and GELU after the join) and an int7 weight runs as it is
+    (bias and GELU inside the kernel); both equal the reference. Elsewhere neither splits."""
+    if not saturating and onednn.saturates():
+        pytest.skip("this CPU saturates u8 x s8 pairs (no VNNI): unsplit int8 weights are wrong here")
+    monkeypatch.setattr(onednn, "saturates", lambda: saturating)
+    lin, conv = nn.Linear(64, 48), nn.Conv2d(32, 24, 3, padding=1)
+    x, xc = torch.randn(5, 64, generator=gen) * 3, torch.randn(2, 32, 8, 8, generator=gen) * 3
+    for spec, split in ((W8, saturating), (W7, False)):
+        layer = _static(QLinear(lin, spec, ActivationSpec()), x)
+        layer.post = post
+        ref, fast = _both(layer, x)
+        assert _rel(fast, ref) < 1e-5
+        cache = layer.kernel_cache
+        c = next(cache.get(k, None) for k in cache if k[0] == "constants")
+        assert c.split == split and len(c.scales) == 48 * (2 if split else 1)
+        assert (c.bias is None) == split
+        cl = _static(QConv2d(conv, spec, ActivationSpec()), xc)
+        ref, fast = _both(cl, xc)
+        assert _rel(fast, ref) < 1e-5
+
+
+def test_int7_weights_are_int8_codes_on_half_the_grid(gen):
+    from diffq.nn.base import layer_kernels
+
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=gen))
+    layer, layer8 = QLinear(lin, W7, ActivationSpec()), QLinear(lin, W8, ActivationSpec())
+    q = layer.qweight
+    assert q.dtype == torch.int8 and int(q.min()) >= -64 and int(q.max()) <= 63
+    assert int(layer8.qweight.abs().max()) > 64
+    assert layer.weight_nbytes == layer8.weight_nbytes
+    k = layer_kernels(nn.ModuleList([layer]))
+    assert all(v == "oneDNN int8 on int7 codes" for v in k.values()), k
