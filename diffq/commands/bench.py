@@ -1,8 +1,10 @@
-"""`diffq bench`: fp32, bf16 and quantized models side by side, one table, ratios vs bf16.
+"""`diffq bench`: fp32, bf16 and quantized models side by side, one table, ratios vs bf16, fp32
+and the faster of the two.
 
 Rows are the workloads of `diffq.commands.bench_models` (or a pipeline folder); each row times
-fp32, bf16 and every scheme asked for (quantized layers on their kernels, float ops in bf16),
-and with `--compile` the bf16 and quantized models under `torch.compile` too. Repeats are
+fp32, bf16 and every scheme asked for (quantized layers on their kernels, float ops in bf16, or
+in fp32 on CPUs without native bf16, where bf16 is the slow choice), and with `--compile` the
+float and quantized models under `torch.compile` too. Repeats are
 interleaved (one call of every variant per round) so that a machine that slows down slows
 every column alike; the table shows medians. For a single denoiser row, a second table times
 its largest layers alone.
@@ -31,6 +33,7 @@ from diffq.errors import InputError
 from diffq.io import check_at_least
 from diffq.markdown import Markdown
 from diffq.nn.timestep import default_timestep_of, timestep_value
+from diffq.ops import onednn
 
 
 @dataclass
@@ -114,7 +117,8 @@ def run_bench(s: BenchSettings) -> dict:
     for scheme in schemes or []:
         load_recipe(scheme)  # a bad name fails before any model is built
     with torch_threads(s.threads):
-        out = {"threads": torch.get_num_threads(), "rows": []}
+        out = {"threads": torch.get_num_threads(), "rows": [],
+               "float_dtype": str(float_dtype()).removeprefix("torch.").replace("bfloat16", "bf16")}
         for name, wl in rows:
             out["rows"].append(_bench_row(name, wl, schemes or list(wl.schemes), s,
                                           layers=s.layers if len(rows) == 1 else 0))
@@ -129,16 +133,24 @@ def _with_lora(model: nn.Module, folder: Path) -> nn.Module:
     return model
 
 
+def float_dtype() -> torch.dtype:
+    """The float dtype quantized variants keep their float ops in: bf16 where the CPU has it
+    in hardware, else fp32."""
+    return torch.bfloat16 if onednn.native_bf16() else torch.float32
+
+
 def variant(fp: nn.Module, name: str, calibration: list,
             copy_: bool = True) -> tuple[nn.Module, torch.dtype]:
-    """The fp32 model `fp` as variant `name` ("fp32", "bf16" or a recipe: float ops in bf16,
-    images channels-last) and the dtype its inputs take; a copy unless `copy_` is false."""
+    """The fp32 model `fp` as variant `name` ("fp32", "bf16" or a recipe: float ops in
+    `float_dtype()`, images channels-last) and the dtype its inputs take; a copy unless `copy_`
+    is false."""
     if name == "fp32":
         return fp, torch.float32
     m = copy.deepcopy(fp) if copy_ else fp
+    dtype = torch.bfloat16 if name == "bf16" else float_dtype()
     if name != "bf16":
         m = quantize(m, name, calibration=calibration)
-    return m.to(torch.bfloat16).to(memory_format=torch.channels_last), torch.bfloat16
+    return m.to(dtype).to(memory_format=torch.channels_last), dtype
 
 
 def _variants(built: Built, schemes: list[str], compile_: bool,
@@ -150,7 +162,7 @@ def _variants(built: Built, schemes: list[str], compile_: bool,
         out = {f"{k} +lora": (_with_lora(m, lora), dt) for k, (m, dt) in out.items()}
     if compile_:
         for name in [n for n in out if not n.startswith("fp32")]:
-            out[f"{name} +compile"] = (torch.compile(out[name][0]), torch.bfloat16)
+            out[f"{name} +compile"] = (torch.compile(out[name][0]), out[name][1])
     return out
 
 
@@ -161,11 +173,14 @@ def _bench_row(name: str, wl: Workload, schemes: list[str], s: BenchSettings, la
     fns = {k: built.run(m, dt) for k, (m, dt) in variants.items()}
     secs = interleaved(fns, s.repeats, s.warmup)
     base = next(k for k in secs if k.startswith("bf16"))  # "bf16", or "bf16 +lora"
+    fp32 = next(iter(secs))
+    faster = min((fp32, base), key=secs.__getitem__)
     row = {
         "row": name, "label": wl.label, "unit": wl.unit, "batch": batch,
         "seconds_per_unit": {k: v / built.units for k, v in secs.items()},
         "speedup_vs_bf16": {k: secs[base] / v for k, v in secs.items()},
-        "speedup_vs_fp32": {k: secs[next(iter(secs))] / v for k, v in secs.items()},
+        "speedup_vs_fp32": {k: secs[fp32] / v for k, v in secs.items()},
+        "faster_float": faster, "speedup_vs_faster_float": {k: secs[faster] / v for k, v in secs.items()},
         "weight_bytes": {k: weight_bytes(m, None if k.startswith("fp32") else torch.bfloat16)
                          for k, (m, _) in variants.items()},
     }
@@ -243,9 +258,18 @@ def _mib(m: dict | None) -> str:
     return f"{m['peak_mib']:,.0f} ({m['peak_mib'] - m['imports_mib']:+,.0f})"
 
 
+def _faster(row: dict, k: str) -> str:
+    """The speedup against the faster float variant, and which one that is."""
+    v = row.get("speedup_vs_faster_float", {}).get(k)
+    return "-" if v is None else f"{v:.2f}x ({row['faster_float']})"
+
+
 def format_bench(r: dict) -> str:
-    md = Markdown().text(f"{r['threads']} threads; quantized and compiled variants keep their "
-                         "float ops in bf16; medians of interleaved repeats; peak MiB: resident "
+    dtype = r.get("float_dtype", "bf16")
+    md = Markdown().text(f"{r['threads']} threads; quantized variants keep their float ops in {dtype}"
+                         f"{'' if dtype == 'bf16' else ' (this CPU has no native bf16)'}; 'vs faster "
+                         "float': against the faster of fp32 and bf16 on this row; medians of "
+                         "interleaved repeats; peak MiB: resident "
                          "memory at the high point of one call, in a process holding only that "
                          "variant (eager variants), and in brackets above the same process after "
                          "importing torch, diffusers and transformers")
@@ -256,8 +280,9 @@ def format_bench(r: dict) -> str:
         for k, sec in row["seconds_per_unit"].items():
             table.append((f"{row['row']} (batch {row['batch']})", k, f"{sec * mult:.4g} {unit}",
                           f"{row['speedup_vs_bf16'][k]:.2f}x", f"{row['speedup_vs_fp32'][k]:.2f}x",
-                          f"{row['weight_bytes'][k]:,}", _mib(row.get("peak_mib", {}).get(k))))
-    md.table(["row", "variant", "time", "vs bf16", "vs fp32", "weight bytes",
+                          _faster(row, k), f"{row['weight_bytes'][k]:,}",
+                          _mib(row.get("peak_mib", {}).get(k))))
+    md.table(["row", "variant", "time", "vs bf16", "vs fp32", "vs faster float", "weight bytes",
               "peak MiB (over imports)"], table)
     for row in r["rows"]:
         if row.get("layers"):

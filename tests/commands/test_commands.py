@@ -256,12 +256,15 @@ def test_bench_table_and_json(kind, tmp_path, capsys):
     assert set(row["seconds_per_unit"]) == {"fp32", "bf16", "w8a8"}
     assert all(0 < t < 60 for t in row["seconds_per_unit"].values())
     assert row["speedup_vs_bf16"]["bf16"] == 1.0
+    secs, faster = row["seconds_per_unit"], row["faster_float"]
+    assert secs[faster] == min(secs["fp32"], secs["bf16"]) and row["speedup_vs_faster_float"][faster] == 1.0
     # the random tiny PixArt keeps relatively more in float (scale-shift tables, embedders)
     wb = row["weight_bytes"]
     assert wb["w8a8"] < (0.6 if kind == "unet" else 0.8) * wb["bf16"] and wb["fp32"] == 2 * wb["bf16"]
     assert len(row["layers"]) == 1 and set(row["layers"][0]["seconds"]) == {"fp32", "bf16", "w8a8"}
     printed = capsys.readouterr().out
     assert "| row | variant |" in printed and "largest layers alone" in printed
+    assert f"1.00x ({faster})" in printed
     assert bool(re.search(r"\| [\d,]+ \(\+[\d,]+\) \|", printed)) == (kind == "dit")  # peak (over imports)
 
 
@@ -383,3 +386,20 @@ def test_bench_with_a_lora_adapter(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert set(row["seconds_per_unit"]) == {"fp32 +lora", "bf16 +lora", "w8a8 +lora"}
     assert row["speedup_vs_bf16"]["bf16 +lora"] == 1.0 and len(row["layers"]) == 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bench_keeps_float_ops_in_the_cpus_fast_float(native, monkeypatch):
+    """Quantized variants keep their float ops in bf16 only where the CPU has bf16 in hardware
+    (elsewhere bf16 ran 7x slower than fp32); the bf16 and fp32 variants stay what they say."""
+    from diffq.commands import bench
+    from diffq.ops import onednn
+    from tests.conftest import ToyUNet, toy_calibration
+
+    monkeypatch.setattr(onednn, "native_bf16", lambda: native)
+    fp, calls = ToyUNet(), toy_calibration(4)
+    want = torch.bfloat16 if native else torch.float32
+    m, dtype = bench.variant(fp, "w8a8", calls)
+    assert dtype == want and {p.dtype for p in m.parameters() if p.is_floating_point()} == {want}
+    assert bench.variant(fp, "bf16", calls)[1] == torch.bfloat16
+    assert bench.variant(fp, "fp32", calls)[1] == torch.float32
