@@ -63,6 +63,7 @@ from diffq.io import (
     writing_directory,
 )
 from diffq.markdown import Markdown
+from diffq.nn.base import split_layers
 
 
 @dataclass
@@ -156,6 +157,8 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
         "weight_bytes": sum(weight_bytes(m) for m in comps.values()), "weight_bytes_fp": fp_bytes,
         "layers": _per_layer(comps, "quantized"), "skipped": _per_layer(comps, "skipped"),
         "kernels": _per_layer(comps, "kernels"),
+        "split_layers": [n if c in DENOISERS else f"{c}.{n}" for c, m in comps.items()
+                         for n in split_layers(m, m.diffq.report.kernels)],
         "unmatched_patterns": {c: m.diffq.report.unmatched_patterns for c, m in comps.items()
                                if m.diffq.report.unmatched_patterns},
     }
@@ -387,6 +390,11 @@ def _write_report(out: Path, r: dict) -> None:
     md.text("What the quantized layers run on this CPU (\"simulated\": activations rounded to "
             "int8 and computed in float, no kernel for that scheme here yet):")
     md.table(["layers", "kernel"], [(n, k) for k, n in Counter(r["kernels"].values()).most_common()])
+    if r.get("split_layers"):
+        md.text(f"This CPU has no VNNI (its u8 x s8 products saturate at int16): "
+                f"{len(r['split_layers'])} of these layers run their int8 weights split in two "
+                "halves, exact at twice the multiply work; `--recipe w7a8` (int7 weights) runs "
+                "them whole.")
     md.warnings(r["warnings"])
     if r["plotted_layers"]:
         md.image("activation_ranges.png", "activation range over timesteps")

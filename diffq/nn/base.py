@@ -10,6 +10,7 @@ from diffq.core.recipe import ActivationSpec, WeightSpec
 from diffq.core.weights import QuantizedWeight, quantize_weight
 from diffq.errors import QuantizedWeightError
 from diffq.nn.activation import ActivationQuantizer
+from diffq.ops import onednn
 from diffq.ops.kernels import Kernels
 
 # Buffers whose dtype is the storage format itself: model.to(dtype) must move, never cast them
@@ -185,6 +186,13 @@ class QuantizedLayer(nn.Module):
             "segments": None if q is None else q.segments,
             "input_scale": hasattr(self, "input_scale"),
         }
+
+
+def split_layers(model: nn.Module, kernels: dict[str, str]) -> list[str]:
+    """Layers of `kernels` (`layer_kernels`) whose oneDNN int8 kernel runs their weight split
+    in two halves on this CPU (no VNNI: `diffq.ops.onednn.needs_split`)."""
+    return [n for n, k in kernels.items() if k.startswith("oneDNN int8")
+            and onednn.needs_split(model.get_submodule(n).compute_weight.data)]
 
 
 def layer_kernels(model: nn.Module) -> dict[str, str]:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from diffq import cli
 from diffq.commands import calibrate as calibrate_mod
+from diffq.ops import onednn
 from tests.commands.test_data_safety import snapshot
 from tests.dit_pipelines import build
 
@@ -50,6 +51,10 @@ def test_calibrate_writes_the_quantized_pipeline(calibrated):
     assert set(kernels) == set(report["layers"]) and "| kernel |" in md
     static = [n for n, scheme in report["layers"].items() if "/static" in scheme]
     assert static and all(kernels[n] == "oneDNN int8" for n in static)
+    # full-range int8 weights run split on a CPU without VNNI, and the report says so
+    onednn_layers = [n for n, k in kernels.items() if k.startswith("oneDNN int8")]
+    assert report["split_layers"] == (onednn_layers if onednn.saturates() else [])
+    assert ("`--recipe w7a8`" in md) == onednn.saturates()
     modes = {f.stat().st_mode & 0o777 for f in calibrated.rglob("*") if f.is_file()}
     assert len(modes) == 1 and modes.pop() & 0o044  # safetensors files readable like the rest
 
