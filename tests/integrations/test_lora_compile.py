@@ -106,10 +106,23 @@ def test_dit_saved_with_an_adapter_loaded_reloads_without_it(sd3, tmp_path):
     assert torch.equal(_sd3_out(back.transformer), adapted)
 
 
-def _compiles_whole(model, args: tuple, kwargs: dict, other_t: dict) -> None:
+def _compiles_whole(model, args: tuple, kwargs: dict, other_t: dict, fp=None) -> None:
     """No graph break in the adapted quantized model, compiled output = eager (also at another
-    timestep group, without recompiling into a break), oneDNN int8 inside the compiled call."""
+    timestep group, without recompiling into a break), oneDNN int8 inside the compiled call.
+    With `fp` (the float model with the same adapter) "=" means as accurate: the compiled graph
+    rounds some float ops differently (GroupNorm by up to 5e-7), which can move an activation
+    code by one step, and in a trained UNet one such flip cascades through the static layers
+    (tiny-sd: one code of 16384 at the first proj_in, 3e-4 there, 2.5e-2 at the output, while
+    that layer compiled alone equals eager to 6e-8)."""
     from torch.profiler import profile
+
+    def check(y, ref, *call):
+        if fp is None:
+            assert float((y.sample - ref.sample).norm() / ref.sample.norm()) < 1e-4
+            return
+        want = fp(*call[0], **call[1]).sample
+        err = lambda out: float((out.sample - want).norm() / want.norm())  # noqa: E731
+        assert err(y) < 1.3 * err(ref) + 1e-4, (err(y), err(ref))
 
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(*args, **kwargs)
@@ -119,10 +132,9 @@ def _compiles_whole(model, args: tuple, kwargs: dict, other_t: dict) -> None:
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # raises on any break
         with profile() as prof:
             y = compiled(*args, **kwargs)
-        ref = model(*args, **kwargs)
-        assert float((y.sample - ref.sample).norm() / ref.sample.norm()) < 1e-4
-        y2, ref2 = compiled(*args, **(kwargs | other_t)), model(*args, **(kwargs | other_t))
-        assert float((y2.sample - ref2.sample).norm() / ref2.sample.norm()) < 1e-4
+        check(y, model(*args, **kwargs), args, kwargs)
+        check(compiled(*args, **(kwargs | other_t)), model(*args, **(kwargs | other_t)), args,
+              kwargs | other_t)
     if onednn.available():
         assert {"onednn::qlinear_pointwise"} <= {e.key for e in prof.key_averages()}
 
@@ -142,6 +154,9 @@ def test_compile_an_adapted_w8a8_unet_in_one_graph(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     save_adapter(pipe.unet, tmp_path / "a", UNET_TARGETS, 1,
                   lambda f, sd: StableDiffusionPipeline.save_lora_weights(f, unet_lora_layers=sd))
+    fp = copy.deepcopy(pipe.unet)
+    fp.load_lora_adapter(str(tmp_path / "a"), prefix="unet", adapter_name="a",
+                         weight_name="pytorch_lora_weights.safetensors")
     diffq.quantize(pipe.unet, "w8a8", calibration=lambda: pipe(
         ["a red circle", "a blue square"], num_inference_steps=4, output_type="latent",
         generator=torch.Generator().manual_seed(0)))
@@ -151,4 +166,4 @@ def test_compile_an_adapted_w8a8_unet_in_one_graph(tmp_path):
     x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
     ctx = torch.randn(2, 16, c.cross_attention_dim, generator=g)
     _compiles_whole(pipe.unet, (x, torch.tensor([500, 500]), ctx), {},
-                    {})  # the timestep is positional here: a second group is tested on the DiT
+                    {}, fp)  # the timestep is positional here: a second group is tested on the DiT
