@@ -160,15 +160,23 @@ def _decode_kernels(backend: str) -> bool:
     return backend == "auto" and not torch.compiler.is_compiling()
 
 
-def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
+# fp32 rows go through the kernels as bf16 (a rounding far below the weights' own): else each
+# call dequantized the whole weight, 582 ms a token for W4A16 decode against 72 ms in fp32
+# (AVX2 EPYC, `diffq bench --model llm-decode`, one run).
+_DECODE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _decode_rows(x: torch.Tensor, act: ActQuant | None, backend: str) -> bool:
     return (_decode_kernels(backend) and act is None and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
-            and _int8_per_channel(weight.layout))
+            and x.dtype in _DECODE_DTYPES and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS)
+
+
+def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
+    return _decode_rows(x, act, backend) and _int8_per_channel(weight.layout)
 
 
 def _w4_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
-    return (_decode_kernels(backend) and act is None and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= _DECODE_MAX_ROWS
+    return (_decode_rows(x, act, backend)
             and weight.layout.format == "int4" and weight.layout.group_size in (32, 64, 128, 256)
             and weight.shape[0] % 16 == 0)  # kernel limits
 
@@ -199,15 +207,15 @@ def linear(
     `cache` is the calling module's store for prepacked weights; `post` an activation of
     `fused.POSTS`, fused into the int8 kernels' epilogues (applied after the others)."""
     if _w8_decode(x, weight, act, backend):
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.data,
-                                      _w_scale(weight, cache, x.dtype))
-        y = y.reshape(*x.shape[:-1], weight.shape[0])
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(rows, weight.data, _w_scale(weight, cache, torch.bfloat16))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
         return fused.apply_post(y if bias is None else y + bias.to(x.dtype), post)
     if _w4_decode(x, weight, act, backend):
         packed, sz = _int4_pack(weight, cache)
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed,
-                                              weight.layout.group_size, sz)
-        y = y.reshape(*x.shape[:-1], weight.shape[0])
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(rows, packed, weight.layout.group_size, sz)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
         return fused.apply_post(y if bias is None else y + bias.to(x.dtype), post)
     if _w4a16(x, weight, act, backend):
         return fused.apply_post(library.w4a16_linear(x, weight.data, weight.scale, weight.zero_point,

@@ -126,8 +126,10 @@ def test_unsupported_calls_fall_back(gen):
     dyn = QLinear(lin, W8, ActivationSpec(mode="dynamic", granularity="per_token"))
     w4 = QLinear(lin, WeightSpec("int4", "per_group", group_size=32), None)
     with torch.no_grad():
-        dyn(x), w4(x)
-    assert not w4.kernel_cache  # int4 weights with float inputs: the reference path
+        dyn(x), w4(torch.randn(129, 64, generator=gen))
+        assert not w4.kernel_cache  # int4 weights with float inputs of many rows: the reference path
+        w4(x)  # a few rows, even in fp32: torch's int4 decode kernel
+        assert [k[0] for k in w4.kernel_cache] == ["int4pack"]
     # dynamic int8 runs the packed oneDNN GEMM (tests/ops/test_dynamic_linear.py), no extra
     # transposed copy of the weight for torch._int_mm
     assert ("linear", dyn.qweight.data_ptr()) in dyn.kernel_cache
@@ -145,9 +147,10 @@ def test_cache_follows_reloaded_weights(gen):
         assert torch.equal(a(x), b(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_weight_only_int8_decode_kernel(rows, gen, monkeypatch):
-    dtype, tol = torch.bfloat16, 2e-2  # bf16 output rounding
+def test_weight_only_int8_decode_kernel(rows, dtype, gen, monkeypatch):
+    tol = 2e-2  # bf16 output rounding (fp32 rows run the kernel as bf16)
     calls = []
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
