@@ -172,13 +172,33 @@ def _decode_rows(x: torch.Tensor, act: ActQuant | None, backend: str) -> bool:
 
 
 def _w8_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
-    return _decode_rows(x, act, backend) and _int8_per_channel(weight.layout)
+    # the kernel steps K by 16 (AVX-512) or 8 (AVX2) with no tail: any other K read past each
+    # row, wrong sums on AVX2 and a segfault on AVX-512 (K = 4 in tests/unseen_models.py)
+    return (_decode_rows(x, act, backend) and _int8_per_channel(weight.layout)
+            and x.shape[-1] % 16 == 0)
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    # the int8 decode kernel reads rows with aligned vector loads and faults otherwise (a view at
+    # an odd offset, or codes loaded from a safetensors buffer, whose tensors are 8-byte aligned)
+    return t.is_contiguous() and t.data_ptr() % 64 == 0
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a fresh copy (the CPU allocator aligns to 64 bytes)."""
+    return t if _is_aligned(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _int8_rows(weight: QuantizedWeight, cache: Kernels | None) -> torch.Tensor:
+    if _is_aligned(weight.data):
+        return weight.data
+    return _cached(cache, ("int8rows", weight.data.data_ptr()), lambda: _aligned(weight.data))
 
 
 def _w4_decode(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant | None, backend: str) -> bool:
     return (_decode_rows(x, act, backend)
             and weight.layout.format == "int4" and weight.layout.group_size in (32, 64, 128, 256)
-            and weight.shape[0] % 16 == 0)  # kernel limits
+            and x.shape[-1] % weight.layout.group_size == 0 and weight.shape[0] % 16 == 0)  # kernel limits
 
 
 def _int4_pack(weight: QuantizedWeight, cache: Kernels | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +227,9 @@ def linear(
     `cache` is the calling module's store for prepacked weights; `post` an activation of
     `fused.POSTS`, fused into the int8 kernels' epilogues (applied after the others)."""
     if _w8_decode(x, weight, act, backend):
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(rows, weight.data, _w_scale(weight, cache, torch.bfloat16))
+        rows = _aligned(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+        scale = _w_scale(weight, cache, torch.bfloat16)
+        y = torch._weight_int8pack_mm(rows, _int8_rows(weight, cache), scale)
         y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
         return fused.apply_post(y if bias is None else y + bias.to(x.dtype), post)
     if _w4_decode(x, weight, act, backend):

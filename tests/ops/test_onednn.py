@@ -166,6 +166,34 @@ def test_weight_only_int8_decode_kernel(rows, dtype, gen, monkeypatch):
     assert torch.equal(ref_big, fast_big)
 
 
+@pytest.mark.parametrize("k", [4, 24])
+def test_int8_decode_kernel_skips_widths_it_cannot_step(k, gen, monkeypatch):
+    """The kernel steps K by 16 with no tail: K = 4 read past each row (wrong sums on AVX2, a
+    segfault on AVX-512); such layers take the reference path."""
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: pytest.fail("kernel ran"))
+    layer = QLinear(nn.Linear(k, 32), W8, None)
+    x = torch.randn(3, k, generator=gen)
+    ref, fast = _both(layer, x, expect_kernel=False)
+    assert torch.equal(ref, fast)
+
+
+def test_int8_decode_kernel_takes_misaligned_rows_and_codes(gen):
+    """Aligned vector loads in the kernel: a bf16 input view at an odd offset and codes at an
+    odd offset (as a safetensors buffer holds them) are copied once, not read misaligned
+    (which segfaults)."""
+    layer = QLinear(nn.Linear(256, 96), W8, None).bfloat16()
+    with torch.no_grad():
+        codes = layer.qweight
+        buf = torch.empty(codes.numel() + 1, dtype=torch.int8)
+        buf[1:].copy_(codes.reshape(-1))
+        layer.qweight = buf[1:].view(codes.shape)
+    x = torch.randn(2 * 256 + 1, generator=gen).bfloat16()[1:].view(1, 2, 256)
+    assert layer.qweight.data_ptr() % 16 and x.data_ptr() % 16
+    ref, fast = _both(layer, x, expect_kernel=False)
+    assert _rel(fast, ref) < 2e-2  # bf16 output rounding
+    assert ("int8rows", layer.qweight.data_ptr()) in layer.kernel_cache  # the aligned copy, kept
+
+
 W4I8 = WeightSpec("int4_i8", "per_group", 32, clip="mse", scale_dtype="float16")
 
 
