@@ -178,8 +178,11 @@ def test_compile_traces_an_adapted_quantized_layer_without_graph_breaks(mode):
         explained = torch._dynamo.explain(model)(x)
         assert explained.graph_count == 1 and explained.graph_break_count == 0
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="aot_eager")(x)
-        torch.testing.assert_close(compiled, model(x), rtol=1e-5, atol=1e-6)
+        compiled, eager = torch.compile(model, backend="aot_eager")(x), model(x)
+    if mode is None:  # eager runs torch's int8 decode kernel on bf16 rows, compiled the fp32 matmul
+        assert float((compiled - eager).norm() / eager.norm()) < 5e-3
+    else:
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_the_shipped_adapter_loads_on_a_quantized_pipeline():
