@@ -157,7 +157,7 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
         "weight_bytes": sum(weight_bytes(m) for m in comps.values()), "weight_bytes_fp": fp_bytes,
         "layers": _per_layer(comps, "quantized"), "skipped": _per_layer(comps, "skipped"),
         "kernels": _per_layer(comps, "kernels"),
-        "split_layers": [n if c in DENOISERS else f"{c}.{n}" for c, m in comps.items()
+        "split_layers": [_layer_name(c, n) for c, m in comps.items()
                          for n in split_layers(m, m.diffq.report.kernels)],
         "unmatched_patterns": {c: m.diffq.report.unmatched_patterns for c, m in comps.items()
                                if m.diffq.report.unmatched_patterns},
@@ -186,10 +186,15 @@ def run_calibrate(s: CalibrateSettings, progress: bool = True) -> dict:
     return report
 
 
+def _layer_name(component: str, layer: str) -> str:
+    """A layer's name in the report: the denoiser's as it is, a text encoder's prefixed with its
+    component name."""
+    return layer if component in DENOISERS else f"{component}.{layer}"
+
+
 def _per_layer(comps: dict, field: str) -> dict:
-    """One report field (`quantized`, `skipped`, `kernels`) of every component, by layer name:
-    the denoiser's layers as they are, a text encoder's prefixed with its component name."""
-    return {n if c in DENOISERS else f"{c}.{n}": v for c, m in comps.items()
+    """One report field (`quantized`, `skipped`, `kernels`) of every component, by layer name."""
+    return {_layer_name(c, n): v for c, m in comps.items()
             for n, v in getattr(m.diffq.report, field).items()}
 
 

@@ -81,14 +81,14 @@ def _cpu_int8(x: Tensor, fast: bool) -> bool:
     return _onednn(x, fast) and x.dtype in (torch.float32, torch.bfloat16)
 
 
-def _split(qweight: Tensor, kernels: Kernels) -> bool:
+def _needs_split(qweight: Tensor, kernels: Kernels) -> bool:
     """`onednn.needs_split` of the layer's weight, read once (a pass over its codes)."""
     return kernels.get(("split", qweight.data_ptr()), lambda: onednn.needs_split(qweight))
 
 
 def _linear_pack(qweight: Tensor, kernels: Kernels) -> Tensor:
     return kernels.get(("linear", qweight.data_ptr()),
-                       lambda: onednn.pack_linear(qweight, _split(qweight, kernels)))
+                       lambda: onednn.pack_linear(qweight, _needs_split(qweight, kernels)))
 
 
 def _constants(qweight: Tensor, w_scale: Tensor, bias: Tensor | None, kernels: Kernels,
@@ -97,7 +97,7 @@ def _constants(qweight: Tensor, w_scale: Tensor, bias: Tensor | None, kernels: K
     call inside a compiled graph; the weight and bias are the module's own)."""
     b = None if bias is None else (bias.data_ptr(), bias._version)
     key = ("constants", qweight.data_ptr(), groups, b)
-    return kernels.get(key, lambda: onednn.constants(w_scale, bias, groups, _split(qweight, kernels)))
+    return kernels.get(key, lambda: onednn.constants(w_scale, bias, groups, _needs_split(qweight, kernels)))
 
 
 @torch.library.custom_op("diffq::w8a8_linear", mutates_args=())
@@ -174,7 +174,7 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
         # the kernel call passes the scale again (checked against the reference in tests).
         packs = kernels.get(("conv", tuple(segments), qweight.data_ptr()), lambda: onednn.pack_conv(
             qweight, w_scale, x_scales.tolist(), segments, stride, padding, dilation, groups,
-            _split(qweight, kernels)))
+            _needs_split(qweight, kernels)))
         y = onednn.conv2d_packed(x, packs, _constants(qweight, w_scale, bias, kernels, groups), bias,
                                  x_scales, segments, stride, padding, dilation, groups)
     else:
@@ -193,7 +193,7 @@ def w8a8_dynamic_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tenso
     if _cpu_int8(x, fast):
         pack = kernels.get(("conv_u8", qweight.data_ptr(), 0, qweight.shape[1] * groups),
                            lambda: onednn.pack_conv_u8(qweight, w_scale, stride, padding, dilation, groups,
-                                                       _split(qweight, kernels)))
+                                                       _needs_split(qweight, kernels)))
         y = onednn.conv2d_packed_dynamic(x, pack, _constants(qweight, w_scale, None, kernels, groups), bias,
                                          stride, padding, dilation, groups)
     else:
@@ -274,7 +274,7 @@ def u8_conv2d(u8: Tensor, qweight: Tensor, w_scale: Tensor, cin_start: int, stri
     if _onednn(u8, fast):
         pack = kernels.get(("conv_u8", qweight.data_ptr(), cin_start, u8.shape[1]),
                            lambda: onednn.pack_conv_u8(w.contiguous(), w_scale, stride, padding, dilation,
-                                                       groups, _split(qweight, kernels)))
+                                                       groups, _needs_split(qweight, kernels)))
         y = onednn.conv2d_u8(u8, pack, _constants(qweight, w_scale, None, kernels, groups), stride, padding,
                              dilation, groups)
     else:
