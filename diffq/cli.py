@@ -110,7 +110,7 @@ def _add_bench(sp: argparse.ArgumentParser) -> None:
     _option(sp, "--warmup", S, "untimed calls of each variant first", type=int)
     _option(sp, "--threads", S, "torch threads (unset: torch's choice)", type=int)
     sp.add_argument("--compile", action="store_true",
-                    help="also time the bf16 and quantized models under torch.compile")
+                    help="also time every variant (fp32 and bf16 too) under torch.compile")
     _option(sp, "--lora", S, "a diffusers LoRA folder loaded on every variant (denoiser rows)",
             type=Path)
     _option(sp, "--layers", S, "one denoiser row: also time its N largest layers alone", type=int)

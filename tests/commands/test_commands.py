@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from diffq import cli
 from diffq.commands import calibrate as calibrate_mod
+from diffq.commands.bench import faster_float
 from diffq.ops import onednn
 from tests.commands.test_data_safety import snapshot
 from tests.dit_pipelines import build
@@ -408,3 +409,10 @@ def test_bench_keeps_float_ops_in_the_cpus_fast_float(native, monkeypatch):
     assert dtype == want and {p.dtype for p in m.parameters() if p.is_floating_point()} == {want}
     assert bench.variant(fp, "bf16", calls)[1] == torch.bfloat16
     assert bench.variant(fp, "fp32", calls)[1] == torch.float32
+
+
+def test_faster_float_is_the_fastest_float_variant_compiled_or_not():
+    secs = {"fp32": 3.0, "bf16": 2.0, "w8a8": 0.5, "fp32 +compile": 1.5, "bf16 +compile": 1.8,
+            "w8a8 +compile": 0.4}
+    assert faster_float(secs) == "fp32 +compile"
+    assert faster_float({"fp32 +lora": 1.0, "bf16 +lora": 2.0, "w8a8 +lora": 0.1}) == "fp32 +lora"
