@@ -17,6 +17,7 @@ from diffq.assets import shipped
 from diffq.commands.evaluate import EvalSettings, check_settings, real_images, score, scorers
 from diffq.errors import DiffqError, InputError
 from diffq.eval.grid import image_grid
+from diffq.eval.report import json_safe
 from diffq.integrations.pipeline import (
     VERIFY_BATCH,
     calibration_pass,
@@ -108,9 +109,7 @@ def run_compare(s: CompareSettings, progress: bool = True) -> list[dict]:
         meta = {"model": str(s.model), "prompts": str(s.prompts), "num_images": s.num_images,
                 "steps": s.steps, "guidance": s.guidance, "seeds": [seeds[0], seeds[-1]],
                 "calibration_prompts": s.num_prompts, "features": f"{features}; FID reference: {real_desc}"}
-        safe = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()}
-                for r in rows]
-        (tmp / "compare.json").write_text(json.dumps({**meta, "rows": safe}, indent=1))
+        (tmp / "compare.json").write_text(json.dumps(json_safe({**meta, "rows": rows}), indent=1))
         done = [r["scheme"] for r in rows if "error" not in r]
         image_grid(grid_rows, done, scale=2, captions=prompts[:8]).save(tmp / "grid.png")
         write_text(tmp / "compare.md", str(format_table(rows, meta).image(
@@ -150,10 +149,11 @@ def format_table(rows: list[dict], meta: dict) -> Markdown:
     md = Markdown().text(f"{meta['num_images']} images, {meta['steps']} steps, guidance {meta['guidance']}, "
                          f"seeds {meta['seeds'][0]}..{meta['seeds'][1]}; features: {meta['features']}")
     return md.table(
-        ["scheme", "PSNR dB", "PSNR median / worst", "SSIM", "CLIP", "FID", "weight bytes (x bf16)",
-         "s / image"],
+        ["scheme", "PSNR dB", "PSNR median / worst (its seed)", "SSIM", "CLIP", "FID",
+         "weight bytes (x bf16)", "s / image"],
         [(r["scheme"], f"not run: {r['error']}", *["-"] * 6) if "error" in r else
-         (r["scheme"], f"{r['psnr_db']:.2f}", f"{r['psnr_db_median']:.2f} / {r['psnr_db_min']:.2f}",
+         (r["scheme"], f"{r['psnr_db']:.2f}", f"{r['psnr_db_median']:.2f} / {r['psnr_db_min']:.2f}"
+          + ("" if math.isinf(r["psnr_db_min"]) else f" (seed {meta['seeds'][0] + r['worst_image']})"),
           f"{r['ssim']:.4f}", f"{r['clip_score']:.2f}", f"{r['fid']:.3f}",
           f"{r['weight_bytes']:,} ({r['weight_ratio_bf16']:.3f})", f"{r['seconds_per_image']:.3f}")
          for r in rows])

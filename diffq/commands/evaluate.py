@@ -98,11 +98,13 @@ def scorers(s):
 
 
 def score(fp_imgs, q_imgs, prompts, clip_fn, fid_fn, real) -> dict:
-    """Paired PSNR/SSIM against the FP images, CLIP score and FID of the quantized images."""
+    """Paired PSNR/SSIM against the FP images, CLIP score and FID of the quantized images; the
+    PSNR of every image too (paired comparisons of two runs), and which one is the worst."""
     a, b = shapes.to_tensor(fp_imgs), shapes.to_tensor(q_imgs)
     per_image = metrics.psnr_per_image(b, a)
     return {"psnr_db": metrics.psnr(b, a), "psnr_db_median": float(per_image.median()),
-            "psnr_db_min": float(per_image.min()), "ssim": metrics.ssim(b, a),
+            "psnr_db_min": float(per_image.min()), "worst_image": int(per_image.argmin()),
+            "psnr_db_per_image": per_image.tolist(), "ssim": metrics.ssim(b, a),
             "clip_score": clip_fn(b, prompts), "fid": fid_fn(real, b)}
 
 

@@ -13,11 +13,15 @@ from diffq.io import write_json, write_text
 from diffq.markdown import Markdown, cell
 
 
-def _json_safe(v):
+def json_safe(v):
+    """v with infinite floats as "inf" (JSON has none; PSNR of identical images), in dicts and
+    lists too."""
     if isinstance(v, float) and math.isinf(v):
-        return "inf"  # JSON has no infinity; PSNR of identical images
+        return "inf"
     if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -37,7 +41,7 @@ def eval_grid(fp_images: list[Image.Image], q_images: list[Image.Image], scheme:
 def write_eval_report(out: Path, report: dict, fp_images: list[Image.Image],
                       q_images: list[Image.Image], prompts: list[str], max_cols: int = 8) -> None:
     """report.json (machine), report.md (people) and grid.png (`eval_grid`)."""
-    write_json(out / "report.json", _json_safe(report))
+    write_json(out / "report.json", json_safe(report))
     eval_grid(fp_images, q_images, report["scheme"], prompts, max_cols).save(out / "grid.png")
     m = report["metrics"]
     md = Markdown(f"diffq eval: {report['scheme']}").text(
@@ -50,8 +54,9 @@ def write_eval_report(out: Path, report: dict, fp_images: list[Image.Image],
         ("CLIP score", m["clip_score_fp"], m["clip_score"]),
         ("FID vs real", m["fid_fp"], m["fid"]),
         ("paired PSNR vs FP (dB), whole batch", "-", m["psnr_db"]),
-        ("paired PSNR per image: median / worst", "-",
-         f"{cell(m['psnr_db_median'])} / {cell(m['psnr_db_min'])}"),
+        ("paired PSNR per image: median / worst (its seed)", "-",
+         f"{cell(m['psnr_db_median'])} / {cell(m['psnr_db_min'])}"
+         + ("" if math.isinf(m["psnr_db_min"]) else f" (seed {report['seeds'][m['worst_image']]})")),
         ("paired SSIM vs FP", "-", m["ssim"]),
     ])
     md.image("grid.png", "FP, quantized and their difference x4, same prompts and seeds: the worst "

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from diffq import cli
 from diffq.commands import calibrate as calibrate_mod
 from diffq.commands.bench import faster_float
+from diffq.markdown import cell
 from diffq.ops import onednn
 from tests.commands.test_data_safety import snapshot
 from tests.dit_pipelines import build
@@ -70,7 +71,11 @@ def test_eval_reports_metrics(calibrated, tmp_path):
     m = r["metrics"]
     assert set(m) >= {"psnr_db", "ssim", "clip_score", "clip_score_fp", "fid", "fid_fp"}
     assert r["scheme"] == "w8a8" and 15 < m["psnr_db"] < 100 and 0.5 < m["ssim"] < 1
-    assert (out / "grid.png").is_file() and "PSNR" in (out / "report.md").read_text()
+    per_image = m["psnr_db_per_image"]
+    assert len(per_image) == 2 and min(per_image) == m["psnr_db_min"] == per_image[m["worst_image"]]
+    assert (out / "grid.png").is_file()
+    worst_seed = r["seeds"][m["worst_image"]]
+    assert f"{cell(m['psnr_db_min'])} (seed {worst_seed})" in (out / "report.md").read_text()
 
 
 def test_text_encoder_component(tmp_path):
@@ -214,6 +219,10 @@ def test_compare_table(tmp_path, capsys):
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["scheme"] for r in rows] == ["fp", "naive-w8a8", str(impossible), "w8a8"]
     assert rows[0]["psnr_db"] == "inf" and rows[3]["psnr_db"] > 15
+    assert rows[0]["psnr_db_per_image"] == ["inf", "inf"]  # JSON has no infinity
+    w8a8 = rows[3]
+    assert min(w8a8["psnr_db_per_image"]) == w8a8["psnr_db_per_image"][w8a8["worst_image"]]
+    assert f"{w8a8['psnr_db_min']:.2f} (seed {w8a8['worst_image']})" in table  # seeds start at 0
     assert "cannot be met" in rows[2]["error"] and "not run: " in table  # the others still ran
     assert "| w8a8 |" in table and (out / "grid.png").is_file()
 
