@@ -11,6 +11,7 @@ on fp32 rows. Calibration algorithms (SmoothQuant's smoothing, GPTQ, AWQ) are no
 codes are round-to-nearest, the kernel the same.
 """
 import argparse
+import copy
 import sys
 
 import torch
@@ -69,8 +70,7 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     x = torch.randn(a.rows, k)
-    bf16, xb = nn.Linear(k, n).to(torch.bfloat16), x.bfloat16()
-    bf16.load_state_dict(lin.state_dict())
+    bf16, xb = copy.deepcopy(lin).to(torch.bfloat16), x.bfloat16()
     xq = x.to(dtype)
     with torch.inference_mode():
         t_fp32, t_bf16 = median_ms(lambda: lin(x)), median_ms(lambda: bf16(xb))

@@ -7,8 +7,7 @@ in fp32 on CPUs without native bf16, where bf16 is the slow choice), and with `-
 variant under `torch.compile` too (fp32 included: "vs faster float" is against the fastest
 float a user could run, compiled or not). Repeats are interleaved (one call of every variant
 per round) so that a machine that slows down slows every column alike; the table shows
-medians. For a single denoiser row, a second table times
-its largest layers alone.
+medians. For a single denoiser row, a second table times its largest layers alone.
 """
 from __future__ import annotations
 
