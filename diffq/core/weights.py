@@ -8,6 +8,29 @@ import torch
 from diffq.core.quant import QParams, dequantize
 from diffq.core.recipe import WeightSpec
 from diffq.core.storage import Layout
+from diffq.errors import QuantizedWeightError
+
+
+def released_codes(shape: tuple[int, ...]) -> torch.Tensor:
+    """What a layer keeps of int8 codes it dropped once a kernel holds them packed: their shape
+    and dtype over one byte of storage (their values come back from the pack when asked for)."""
+    return torch.zeros((), dtype=torch.int8).expand(shape)
+
+
+def is_released(t: torch.Tensor) -> bool:
+    """Whether `t` is a `released_codes` stand-in or a view of one (every dimension longer than
+    one has stride 0: no stored tensor of more than one element has that)."""
+    return t.numel() > 1 and all(st == 0 for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+
+
+def check_held(t: torch.Tensor) -> torch.Tensor:
+    """`t`, refused in one line if it is a stand-in for released codes: reading it would compute
+    with zeros where the codes were."""
+    if is_released(t):
+        raise QuantizedWeightError(
+            "a diffq layer's int8 codes were released once its kernel packed them, and this call "
+            "needs them: restore them first (diffq.nn.restore_codes(model))")
+    return t
 
 
 @dataclass
@@ -28,7 +51,7 @@ class QuantizedWeight:
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes in the blocked view."""
-        return self.layout.storage.blocked(self.data, self.layout)
+        return self.layout.storage.blocked(check_held(self.data), self.layout)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in its original shape."""
@@ -67,4 +90,4 @@ def quantize_weight(weight: torch.Tensor, spec: WeightSpec | Layout, clip: str |
     return QuantizedWeight.from_codes(codes, scale, zp, layout, shape)
 
 
-__all__ = ["QuantizedWeight", "quantize_weight"]
+__all__ = ["QuantizedWeight", "quantize_weight", "released_codes", "is_released", "check_held"]

@@ -6,7 +6,7 @@ from diffq.nn.qlinear import QLinear
 from diffq.nn.timestep import TimestepClock, install_clock
 
 __all__ = ["ActivationQuantizer", "QuantizedLayer", "QConv2d", "QLinear", "TimestepClock", "set_backend",
-           "install_clock"]
+           "install_clock", "restore_codes"]
 
 
 def set_backend(model, backend: str) -> None:
@@ -19,3 +19,11 @@ def set_backend(model, backend: str) -> None:
     for m in model.modules():
         if isinstance(m, QuantizedLayer):
             m.backend = backend
+
+
+def restore_codes(model) -> None:
+    """Give every quantized layer of `model` its plain int8 codes back, where a call released
+    them once packed (see `QuantizedLayer`): e.g. before reading `qweight` buffers directly."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer):
+            m.restore_codes()

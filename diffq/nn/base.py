@@ -7,10 +7,10 @@ from torch import nn
 from diffq import ops
 from diffq.core.config import to_dict
 from diffq.core.recipe import ActivationSpec, WeightSpec
-from diffq.core.weights import QuantizedWeight, quantize_weight
+from diffq.core.weights import QuantizedWeight, is_released, quantize_weight, released_codes
 from diffq.errors import QuantizedWeightError
 from diffq.nn.activation import ActivationQuantizer
-from diffq.ops import onednn
+from diffq.ops import library, onednn
 from diffq.ops.kernels import Kernels
 
 # Buffers whose dtype is the storage format itself: model.to(dtype) must move, never cast them
@@ -59,9 +59,18 @@ class FloatWeightStandIn(torch.Tensor):
 
 class QuantizedLayer(nn.Module):
     """Holds a `QuantizedWeight` as buffers (qweight, weight_scale[, weight_zero_point]),
-    a float bias, and an optional `input_quant` (ActivationQuantizer)."""
+    a float bias, and an optional `input_quant` (ActivationQuantizer).
+
+    Once oneDNN holds a W8A8 layer's int8 codes packed (after its first CPU call), the plain
+    codes would only double its run-time weight bytes: the first call that ran on the packs
+    drops them, after checking that the packs give every code back, and they are rebuilt from
+    the packs whenever anything else needs them (a call on another path, `state_dict`, moving
+    or copying the layer, `quantized_weight`). Subclasses call `_kernel_weight(x)` and
+    `_after_call(x)` around their kernels."""
 
     feature_axis = -1
+    _released_for = None
+    _release_armed = True
     # transformers' weight init skips modules marked initialized; a quantized layer's tensors
     # come from quantization or its checkpoint, never from init (its float weight is a stand-in)
     _is_hf_initialized = True
@@ -91,13 +100,81 @@ class QuantizedLayer(nn.Module):
         if input_scale is not None:  # AWQ / SmoothQuant: x * input_scale before quantizing x
             self.register_buffer("input_scale", input_scale.detach().float().clone())
         self._compute_layout = qw.layout.storage.compute_layout(qw.layout)
+        self._released_for = None  # the kind of call (`_call_key`) the codes were released for
+        self._release_armed = True  # the next eligible call may release them (False: stay held)
         self._refresh_compute_codes()
 
     def storage_changed(self) -> None:
         """Called after the stored tensors were replaced or written to (loading): drops the
         prepacked weights and remakes the compute codes."""
+        self.restore_codes()
         self.kernel_cache.clear()
         self._refresh_compute_codes()
+        self._release_armed = True
+
+    # --- plain codes released once packed (see the class docstring) ---
+
+    def _codes_name(self) -> str:
+        """The buffer the kernels pack: the stored codes, or the compute codes beside them."""
+        return "qweight" if self._compute_layout is None else "qweight_compute"
+
+    def _call_key(self, x: torch.Tensor) -> tuple:
+        """What decides the path a call takes: calls alike run on the same packs."""
+        spec = None if self.input_quant is None else self.input_quant.spec
+        return x.device.type, x.dtype, self.backend, spec
+
+    def _releasable(self, x: torch.Tensor) -> bool:
+        return (self.input_quant is not None and self.backend == "auto" and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16))
+
+    def _kernel_weight(self, x: torch.Tensor) -> QuantizedWeight:
+        """`compute_weight` for a call on x: released codes stay released for calls of the kind
+        they were released for (which read only the packs) and come back for any other."""
+        if (not torch.compiler.is_compiling() and self._released_for is not None  # no guard on it
+                and self._released_for != self._call_key(x)):
+            self.restore_codes(rearm=False)  # calls of two kinds: hold the codes from now on
+        return self._compute_weight()
+
+    def _after_call(self, x: torch.Tensor) -> None:
+        """After the first eligible call: drop the plain codes if the packs hold all of them."""
+        if torch.compiler.is_compiling() or not self._release_armed or not self._releasable(x):
+            return
+        self._release_armed = False
+        name = self._codes_name()
+        codes = self._buffers[name]
+        if codes.numel() < 2:  # a stand-in of one element would not be told apart from codes
+            return
+        packed = self._packed_codes(codes)
+        if packed is None or not torch.equal(packed, codes):
+            return
+        stand_in = released_codes(tuple(codes.shape))
+        self.kernel_cache.rekey(codes.data_ptr(), stand_in.data_ptr())
+        self._buffers[name] = stand_in
+        self._released_for = self._call_key(x)
+
+    def _packed_codes(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """The codes the packs of `codes` (or of their stand-in) hold, in their shape."""
+        packed = library.packed_codes(codes.reshape(self.weight_shape), getattr(self, "groups", 1),
+                                      self.kernel_cache)
+        return None if packed is None else packed.reshape(codes.shape)
+
+    def restore_codes(self, rearm: bool = True) -> None:
+        """Put back plain codes a call released, rebuilt from the packs (exact: checked when
+        they were released); the next eligible call releases them again if `rearm`."""
+        if self._released_for is None:
+            return
+        self._released_for = None
+        self._release_armed = rearm
+        name = self._codes_name()
+        stand_in = self._buffers[name]
+        if not is_released(stand_in):  # replaced since (loading, new compute codes)
+            return
+        with torch.inference_mode(False):  # a tensor loading may later write to
+            codes = self._packed_codes(stand_in)
+        if codes is None:
+            raise RuntimeError(f"{type(self).__name__}: released codes and no pack to rebuild them from")
+        self.kernel_cache.rekey(stand_in.data_ptr(), codes.data_ptr())
+        self._buffers[name] = codes
 
     def _refresh_compute_codes(self) -> None:
         """Formats stored apart from the codes their kernels multiply (int4_i8: nibbles and
@@ -138,6 +215,11 @@ class QuantizedLayer(nn.Module):
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
+        if self._compute_layout is None:
+            self.restore_codes()
+        return self._stored_weight()
+
+    def _stored_weight(self) -> QuantizedWeight:
         return QuantizedWeight(
             self.qweight, self.weight_scale, getattr(self, "weight_zero_point", None),
             self.weight_layout, self.weight_shape,
@@ -146,8 +228,12 @@ class QuantizedLayer(nn.Module):
     @property
     def compute_weight(self) -> QuantizedWeight:
         """The weight as the kernels take it: the stored one, or its compute codes' view."""
+        self.restore_codes()
+        return self._compute_weight()
+
+    def _compute_weight(self) -> QuantizedWeight:
         if self._compute_layout is None:
-            return self.quantized_weight
+            return self._stored_weight()
         if not torch.compiler.is_compiling() and self._compute_of != self._storage_key():
             self.storage_changed()  # stored tensors assigned by code that did not say so
         return QuantizedWeight(self.qweight_compute, self.weight_scale, None, self._compute_layout,
@@ -158,14 +244,26 @@ class QuantizedLayer(nn.Module):
 
     @property
     def weight_nbytes(self) -> int:
-        return self.quantized_weight.nbytes
+        return self._stored_weight().nbytes  # a stand-in for released codes counts their bytes
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._compute_layout is None and is_released(self.qweight):  # the codes, not their stand-in
+            with torch.inference_mode(False):
+                destination[prefix + "qweight"] = self._packed_codes(self.qweight)
 
     def _load_from_state_dict(self, *args, **kwargs):
+        self.restore_codes()  # loading writes into the codes' tensor
         out = super()._load_from_state_dict(*args, **kwargs)
         self.storage_changed()
         return out
 
+    def __getstate__(self):
+        self.restore_codes()  # copies (deepcopy, pickling) hold the codes; their packs are rebuilt
+        return super().__getstate__()
+
     def _apply(self, fn, recurse=True):
+        self.restore_codes()
         self.kernel_cache.clear()
         kept = {n: getattr(self, n) for n in _STORAGE if getattr(self, n, None) is not None}
         super()._apply(fn, recurse)

@@ -39,9 +39,11 @@ class QConv2d(QuantizedLayer, nn.Conv2d):
                              input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d(self.scale_input(x), self.compute_weight, self.bias, self.act_params(),
-                          self.stride, self.padding, self.dilation, self.groups, self.kernel_cache,
-                          self.backend)
+        x = self.scale_input(x)
+        y = ops.conv2d(x, self._kernel_weight(x), self.bias, self.act_params(), self.stride, self.padding,
+                       self.dilation, self.groups, self.kernel_cache, self.backend)
+        self._after_call(x)
+        return y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -36,14 +36,23 @@ class QLinear(QuantizedLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.scale_input(x)
-        args = (self.compute_weight, self.bias)
-        prefix = 0 if self.input_quant is None else self.input_quant.spec.float_prefix
-        if prefix and x.dim() == 3:  # leading tokens (BOS) with float activations, see ActivationSpec
-            head = ops.linear(x[:, :prefix], *args, None, self.kernel_cache, self.backend, self.post)
-            tail = ops.linear(x[:, prefix:], *args, self.act_params(), self.kernel_cache, self.backend,
+        args = (self._kernel_weight(x), self.bias)
+        if self._float_prefix() and x.dim() == 3:  # leading tokens (BOS) with float activations
+            head = ops.linear(x[:, :self._float_prefix()], *args, None, self.kernel_cache, self.backend,
                               self.post)
+            tail = ops.linear(x[:, self._float_prefix():], *args, self.act_params(), self.kernel_cache,
+                              self.backend, self.post)
             return torch.cat((head, tail), dim=1)
-        return ops.linear(x, *args, self.act_params(), self.kernel_cache, self.backend, self.post)
+        y = ops.linear(x, *args, self.act_params(), self.kernel_cache, self.backend, self.post)
+        self._after_call(x)
+        return y
+
+    def _float_prefix(self) -> int:
+        """Leading tokens kept in float (see ActivationSpec.float_prefix)."""
+        return 0 if self.input_quant is None else self.input_quant.spec.float_prefix
+
+    def _releasable(self, x: torch.Tensor) -> bool:
+        return super()._releasable(x) and not self._float_prefix()  # its float rows read the codes
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weights={self.weight_spec.format}"

@@ -53,8 +53,9 @@ class QLinearOutlier(QuantizedLayer):
         mask = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
         mask[cols[used]] = True
         rest = x.masked_fill(mask, 0)  # outliers would dominate the per-token int8 scale
-        y = ops.linear(rest, self.compute_weight, self.bias, self.act_params(),
+        y = ops.linear(rest, self._kernel_weight(rest), self.bias, self.act_params(),
                        self.kernel_cache, self.backend)
+        self._after_call(rest)
         side = x.index_select(-1, cols).float() @ self.outlier_weight.float().t()
         return y + side.to(y.dtype)
 

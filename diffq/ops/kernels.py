@@ -4,6 +4,9 @@ oneDNN's packed weights are MKLDNN tensors, which torch.compile cannot fake; pas
 custom ops as tensors they broke the graph at every quantized layer. `Kernels` goes to the ops
 as an opaque reference object instead: the compiled graph carries it through untouched and the
 op implementation, running on real tensors, packs into it or reads from it.
+
+Copies of a store are empty (`copy.deepcopy`, pickling): oneDNN's packs cannot be copied (their
+tensors have no storage to copy), and every entry is rebuilt on demand from the weight.
 """
 from __future__ import annotations
 
@@ -21,10 +24,24 @@ class Kernels(OpaqueBase):
     def __init__(self) -> None:
         self._store: dict[tuple, Any] = {}
 
+    def __deepcopy__(self, memo) -> Kernels:
+        return Kernels()
+
+    def __getstate__(self) -> dict:
+        return {"_store": {}}
+
     def get(self, key: tuple, make: Callable[[], Any]) -> Any:
         if key not in self._store:
             self._store[key] = make()
         return self._store[key]
+
+    def peek(self, key: tuple) -> Any:
+        """The entry under `key`, or None (nothing is made)."""
+        return self._store.get(key)
+
+    def rekey(self, old: int, new: int) -> None:
+        """Entries keyed by the weight address `old` now keyed by `new` (the weight's codes moved)."""
+        self._store = {tuple(new if k == old else k for k in key): v for key, v in self._store.items()}
 
     def clear(self) -> None:
         self._store.clear()

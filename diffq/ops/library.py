@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffq.core.weights import check_held
 from diffq.ops import onednn, reference
 from diffq.ops.fused import apply_post
 from diffq.ops.kernels import Kernels
@@ -32,7 +33,7 @@ def _qdq(x: Tensor, scales: Tensor, segments: list[int], axis: int) -> Tensor:
 
 def _dequant_weight(qweight: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
     shape = [-1] + [1] * (qweight.dim() - 1)
-    return (qweight.float() * w_scale.float().reshape(shape)).to(dtype)
+    return (check_held(qweight).float() * w_scale.float().reshape(shape)).to(dtype)
 
 
 def linear_reference(x, qweight, w_scale, bias, x_scale, post: str = ""):
@@ -83,12 +84,39 @@ def _cpu_int8(x: Tensor, fast: bool) -> bool:
 
 def _needs_split(qweight: Tensor, kernels: Kernels) -> bool:
     """`onednn.needs_split` of the layer's weight, read once (a pass over its codes)."""
-    return kernels.get(("split", qweight.data_ptr()), lambda: onednn.needs_split(qweight))
+    return kernels.get(("split", qweight.data_ptr()), lambda: onednn.needs_split(check_held(qweight)))
 
 
 def _linear_pack(qweight: Tensor, kernels: Kernels) -> Tensor:
     return kernels.get(("linear", qweight.data_ptr()),
-                       lambda: onednn.pack_linear(qweight, _needs_split(qweight, kernels)))
+                       lambda: onednn.pack_linear(check_held(qweight), _needs_split(qweight, kernels)))
+
+
+def _conv_pack(qweight: Tensor, w_scale: Tensor, start: int, channels: int, stride, padding, dilation,
+               groups: int, kernels: Kernels) -> Tensor:
+    """The pack of the weight columns of input channels [start, start + channels) for codes with
+    unit input scale. Static calls pass their scale at run time (oneDNN takes it again in every
+    call), so one pack serves every timestep group, eager and compiled calls alike."""
+    return kernels.get(("conv_u8", qweight.data_ptr(), start, channels), lambda: onednn.pack_conv_u8(
+        _input_slice(check_held(qweight), start, channels, groups).contiguous(), w_scale, stride, padding,
+        dilation, groups, _needs_split(qweight, kernels)))
+
+
+def packed_codes(qweight: Tensor, groups: int, kernels: Kernels) -> Tensor | None:
+    """qweight's codes rebuilt from its oneDNN packs in `kernels`, or None when they do not
+    hold all of them: what lets a layer drop its plain codes once packed (`diffq.nn.base`)."""
+    ptr = qweight.data_ptr()
+    split = kernels.peek(("split", ptr))
+    linear = kernels.peek(("linear", ptr))
+    if split is None:
+        return None
+    if linear is not None:  # a Linear, or a 1x1 convolution run as one
+        return onednn.unpack_linear(linear, split).reshape(qweight.shape)
+    parts = sorted((k[2], k[3], kernels.peek(k)) for k in kernels if k[:2] == ("conv_u8", ptr))
+    starts = [0] + [a + n for a, n, _ in parts]
+    if not parts or [a for a, _, _ in parts] != starts[:-1] or starts[-1] != qweight.shape[1] * groups:
+        return None
+    return torch.cat([onednn.unpack_conv(pack, groups, split) for _, _, pack in parts], dim=1)
 
 
 def _constants(qweight: Tensor, w_scale: Tensor, bias: Tensor | None, kernels: Kernels,
@@ -131,7 +159,7 @@ def _transposed(qweight: Tensor) -> Tensor:
     """W [N, K] as [K, N] with explicit row-major strides (torch._int_mm's right operand;
     .t().contiguous() of a [N, 1] weight keeps strides (1, 1), which _int_mm misreads)."""
     return torch.empty(qweight.shape[1], qweight.shape[0], dtype=qweight.dtype,
-                       device=qweight.device).copy_(qweight.t())
+                       device=qweight.device).copy_(check_held(qweight).t())
 
 
 @torch.library.custom_op("diffq::w8a8_dynamic_linear", mutates_args=())
@@ -170,11 +198,9 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
     """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `kernels`
     the layer's pack store (oneDNN packs per channel segment on CPU), used when `fast`."""
     if _cpu_int8(x, fast) and onednn.can_pack_conv(padding, groups, segments):
-        # oneDNN takes x_scale at packing time; packs are keyed by segment layout only since
-        # the kernel call passes the scale again (checked against the reference in tests).
-        packs = kernels.get(("conv", tuple(segments), qweight.data_ptr()), lambda: onednn.pack_conv(
-            qweight, w_scale, x_scales.tolist(), segments, stride, padding, dilation, groups,
-            _needs_split(qweight, kernels)))
+        starts = [sum(segments[:i]) for i in range(len(segments))]
+        packs = [_conv_pack(qweight, w_scale, a, n, stride, padding, dilation, groups, kernels)
+                 for a, n in zip(starts, segments, strict=True)]
         y = onednn.conv2d_packed(x, packs, _constants(qweight, w_scale, bias, kernels, groups), bias,
                                  x_scales, segments, stride, padding, dilation, groups)
     else:
@@ -191,9 +217,8 @@ def w8a8_dynamic_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tenso
     """2-D convolution of dq(q(x)) with dq(W), x quantized per image at run time (symmetric
     int8, `reference.per_image_scales`): oneDNN's int8 conv on CPU when `fast`."""
     if _cpu_int8(x, fast):
-        pack = kernels.get(("conv_u8", qweight.data_ptr(), 0, qweight.shape[1] * groups),
-                           lambda: onednn.pack_conv_u8(qweight, w_scale, stride, padding, dilation, groups,
-                                                       _needs_split(qweight, kernels)))
+        pack = _conv_pack(qweight, w_scale, 0, qweight.shape[1] * groups, stride, padding, dilation, groups,
+                          kernels)
         y = onednn.conv2d_packed_dynamic(x, pack, _constants(qweight, w_scale, None, kernels, groups), bias,
                                          stride, padding, dilation, groups)
     else:
@@ -270,14 +295,13 @@ def u8_conv2d(u8: Tensor, qweight: Tensor, w_scale: Tensor, cin_start: int, stri
     """fp32 conv(u8 - 128, W[:, cin_start : cin_start + C]) * w_scale: the int8 convolution
     alone on channels-last codes u8 [N, C, H, W] (one channel segment of the layer's input when
     cin_start > 0 or C is less than the weight's), for torch.compile as `u8_linear`."""
-    w = _input_slice(qweight, cin_start, u8.shape[1], groups)
     if _onednn(u8, fast):
-        pack = kernels.get(("conv_u8", qweight.data_ptr(), cin_start, u8.shape[1]),
-                           lambda: onednn.pack_conv_u8(w.contiguous(), w_scale, stride, padding, dilation,
-                                                       groups, _needs_split(qweight, kernels)))
+        pack = _conv_pack(qweight, w_scale, cin_start, u8.shape[1], stride, padding, dilation, groups,
+                          kernels)
         y = onednn.conv2d_u8(u8, pack, _constants(qweight, w_scale, None, kernels, groups), stride, padding,
                              dilation, groups)
     else:
+        w = _input_slice(check_held(qweight), cin_start, u8.shape[1], groups)
         y = F.conv2d(_int8_rows(u8).float(), w.float(), None, stride, padding, dilation, groups)
         y = y * w_scale.float().reshape(1, -1, 1, 1)
     return y.contiguous(memory_format=_layout_of(u8))

@@ -78,6 +78,23 @@ def _split(qweight: Tensor, groups: int, split: bool) -> Tensor:
     return torch.cat([per_group(hi), per_group(qweight - hi)], dim=1).flatten(0, 1)
 
 
+def _unsplit(codes: Tensor, groups: int, split: bool) -> Tensor:
+    """The codes `_split` laid out, each group's hi and lo added back (exact: hi + lo = q)."""
+    if not split:
+        return codes.contiguous()
+    return codes.unflatten(0, (groups, 2, -1)).sum(1, dtype=torch.int8).flatten(0, 1)
+
+
+def unpack_linear(pack: Tensor, split: bool) -> Tensor:
+    """The int8 codes [N, K] in a `pack_linear` pack (oneDNN reorders its blocked layout back)."""
+    return _unsplit(pack.to_dense().t(), 1, split)
+
+
+def unpack_conv(pack: Tensor, groups: int, split: bool) -> Tensor:
+    """The int8 codes [O, C/groups, kh, kw] in one `pack_conv_u8` pack."""
+    return _unsplit(pack.to_dense(), groups, split)
+
+
 def _scales(w_scale: Tensor, groups: int, split: bool) -> Tensor:
     """Per-output-channel scales laid out as `_split` lays out the codes."""
     w_scale = w_scale.float()
@@ -97,20 +114,6 @@ def can_pack_conv(padding, groups: int, segments: list[int]) -> bool:
 
 def pack_linear(qweight: Tensor, split: bool) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(_split(qweight, 1, split).contiguous(), None)
-
-
-def pack_conv(qweight: Tensor, w_scale: Tensor, x_scales: list[float], segments: list[int],
-              stride, padding, dilation, groups: int, split: bool) -> list[Tensor]:
-    """One pack per input channel segment (weight columns of that segment); `split` as
-    `needs_split` says of the whole weight."""
-    packs, start = [], 0
-    for size, xs in zip(segments, x_scales, strict=True):
-        w = qweight if len(segments) == 1 else qweight[:, start:start + size]
-        packs.append(torch.ops.onednn.qconv_prepack(
-            _split(w, groups, split).contiguous(), _scales(w_scale, groups, split), xs, _U8_ZP, list(stride),
-            list(padding), list(dilation), groups, None))
-        start += size
-    return packs
 
 
 class Constants(NamedTuple):
@@ -187,9 +190,12 @@ def conv2d_packed(x: Tensor, packs: list[Tensor], c: Constants, bias, x_scales: 
 
 def pack_conv_u8(qweight: Tensor, w_scale: Tensor, stride, padding, dilation, groups: int,
                  split: bool) -> Tensor:
-    """A convolution pack for codes with unit input scale (`conv2d_u8`)."""
-    return pack_conv(qweight, w_scale, [1.0], [qweight.shape[1] * groups], stride, padding, dilation,
-                     groups, split)[0]
+    """A convolution pack for codes with unit input scale (`conv2d_u8`, and `conv2d_packed`,
+    which passes each channel segment's static scale in the call). `split` as `needs_split`
+    says of the whole weight."""
+    return torch.ops.onednn.qconv_prepack(
+        _split(qweight, groups, split).contiguous(), _scales(w_scale, groups, split), 1.0, _U8_ZP,
+        list(stride), list(padding), list(dilation), groups, None)
 
 
 def conv2d_u8(u8: Tensor, pack: Tensor, c: Constants, stride, padding, dilation, groups: int) -> Tensor:

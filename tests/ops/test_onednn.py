@@ -74,7 +74,7 @@ def test_conv_matches_reference(kw, dtype, tol, gen):
     x = torch.randn(2, 32, 10, 10, generator=gen)
     layer = _static(QConv2d(conv, W8, ActivationSpec()), x).to(dtype)
     ref, fast = _both(layer, x.to(dtype))
-    assert any(k[0] == "conv" for k in layer.kernel_cache)
+    assert any(k[0] == "conv_u8" for k in layer.kernel_cache)
     assert _rel(fast, ref) < tol
 
 
@@ -84,7 +84,8 @@ def test_conv_with_skip_split_scales(gen):
                    20 * torch.randn(2, 16, 8, 8, generator=gen)], dim=1)  # skip half is larger
     layer = _static(QConv2d(conv, W8, ActivationSpec(split_skip=True), segments=[32, 16]), x, [32, 16])
     ref, fast = _both(layer, x)
-    assert ("conv", (32, 16), layer.qweight.data_ptr()) in layer.kernel_cache
+    ptr = layer.qweight.data_ptr()  # one pack per channel segment
+    assert {("conv_u8", ptr, 0, 32), ("conv_u8", ptr, 32, 16)} <= set(layer.kernel_cache)
     assert _rel(fast, ref) < 1e-5
 
 
@@ -228,7 +229,7 @@ def test_int4_i8_layer_reloads_from_its_storage(gen):
         y = layer(x)
         blank(x)  # packs its zero weight first: the reload must drop that pack
         blank.load_state_dict(layer.state_dict())
-        assert torch.equal(blank.qweight_compute, layer.qweight_compute)
+        assert torch.equal(blank.compute_weight.data, layer.compute_weight.data)
         assert torch.equal(blank(x), y)
 
 
@@ -273,3 +274,13 @@ def test_int7_weights_are_int8_codes_on_half_the_grid(gen):
     assert layer.weight_nbytes == layer8.weight_nbytes
     k = layer_kernels(nn.ModuleList([layer]))
     assert all(v == "oneDNN int8 on int7 codes" for v in k.values()), k
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_packs_give_their_codes_back(split, groups, gen):
+    q = torch.randint(-128, 128, (32, 48), dtype=torch.int8, generator=gen)
+    assert torch.equal(onednn.unpack_linear(onednn.pack_linear(q, split), split), q)
+    qc = torch.randint(-128, 128, (32, 16 // groups, 3, 3), dtype=torch.int8, generator=gen)
+    pack = onednn.pack_conv_u8(qc, torch.rand(32, generator=gen), (2, 2), (1, 1), (1, 1), groups, split)
+    assert torch.equal(onednn.unpack_conv(pack, groups, split), qc)
