@@ -62,23 +62,4 @@ def allocate(errors: torch.Tensor, costs: torch.Tensor, budget: float, allowed: 
     return choice
 
 
-def brute_force(errors: torch.Tensor, costs: torch.Tensor, budget: float,
-                allowed: torch.Tensor | None = None) -> list[int]:
-    """Exhaustive optimum of the same problem (tests only; C**L combinations)."""
-    import itertools
-
-    n_layers, n_choices = errors.shape
-    best, arg = math.inf, None
-    for combo in itertools.product(range(n_choices), repeat=n_layers):
-        if allowed is not None and not all(bool(allowed[i, c]) for i, c in enumerate(combo)):
-            continue
-        cost = sum(float(costs[i, c]) for i, c in enumerate(combo))
-        err = sum(float(errors[i, c]) for i, c in enumerate(combo))
-        if cost <= budget and err < best:
-            best, arg = err, list(combo)
-    if arg is None:
-        raise RecipeError("no feasible allocation")
-    return arg
-
-
-__all__ = ["allocate", "brute_force"]
+__all__ = ["allocate"]

@@ -1,8 +1,29 @@
+import itertools
+import math
+
 import pytest
 import torch
 
 from diffq.errors import RecipeError
-from diffq.mixed.allocate import allocate, brute_force
+from diffq.mixed.allocate import allocate
+
+
+def brute_force(errors: torch.Tensor, costs: torch.Tensor, budget: float,
+                allowed: torch.Tensor | None = None) -> list[int]:
+    """Exhaustive optimum of the same problem (C**L combinations): the reference `allocate` is
+    checked against."""
+    n_layers, n_choices = errors.shape
+    best, arg = math.inf, None
+    for combo in itertools.product(range(n_choices), repeat=n_layers):
+        if allowed is not None and not all(bool(allowed[i, c]) for i, c in enumerate(combo)):
+            continue
+        cost = sum(float(costs[i, c]) for i, c in enumerate(combo))
+        err = sum(float(errors[i, c]) for i, c in enumerate(combo))
+        if cost <= budget and err < best:
+            best, arg = err, list(combo)
+    if arg is None:
+        raise RecipeError("no feasible allocation")
+    return arg
 
 
 def _instance(seed: int, n_layers: int = 7):
