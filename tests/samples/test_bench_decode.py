@@ -28,3 +28,10 @@ def test_static_recipe_is_refused_in_one_line():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: recipe 'w8a8' has static activations")
     assert "Traceback" not in out.stderr
+
+
+def test_unknown_recipe_is_refused_in_one_line():
+    out = _run("--recipe", "no-such-recipe")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: unknown recipe 'no-such-recipe'")
+    assert "Traceback" not in out.stderr
