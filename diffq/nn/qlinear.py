@@ -37,11 +37,11 @@ class QLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.scale_input(x)
         args = (self._kernel_weight(x), self.bias)
-        if self._float_prefix() and x.dim() == 3:  # leading tokens (BOS) with float activations
-            head = ops.linear(x[:, :self._float_prefix()], *args, None, self.kernel_cache, self.backend,
+        prefix = self._float_prefix()
+        if prefix and x.dim() == 3:  # leading tokens (BOS) with float activations
+            head = ops.linear(x[:, :prefix], *args, None, self.kernel_cache, self.backend, self.post)
+            tail = ops.linear(x[:, prefix:], *args, self.act_params(), self.kernel_cache, self.backend,
                               self.post)
-            tail = ops.linear(x[:, self._float_prefix():], *args, self.act_params(), self.kernel_cache,
-                              self.backend, self.post)
             return torch.cat((head, tail), dim=1)
         y = ops.linear(x, *args, self.act_params(), self.kernel_cache, self.backend, self.post)
         self._after_call(x)
