@@ -119,8 +119,7 @@ def _segment_scales(act: ActQuant, channels: int) -> tuple[torch.Tensor, list[in
     if scale.numel() == 1:
         return scale, [channels]
     segments = list(act.segments)
-    starts = [sum(segments[:i]) for i in range(len(segments))]
-    return scale[starts], segments
+    return scale[reference.segment_starts(segments)], segments
 
 
 def _w_scale(weight: QuantizedWeight, cache: Kernels | None, dtype=torch.float32) -> torch.Tensor:

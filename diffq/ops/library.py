@@ -198,7 +198,7 @@ def w8a8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None
     """2-D convolution of dq(q(x)) [N, C, H, W] with dq(W) [O, C/groups, kh, kw]; `kernels`
     the layer's pack store (oneDNN packs per channel segment on CPU), used when `fast`."""
     if _cpu_int8(x, fast) and onednn.can_pack_conv(padding, groups, segments):
-        starts = [sum(segments[:i]) for i in range(len(segments))]
+        starts = reference.segment_starts(segments)
         packs = [_conv_pack(qweight, w_scale, a, n, stride, padding, dilation, groups, kernels)
                  for a, n in zip(starts, segments, strict=True)]
         y = onednn.conv2d_packed(x, packs, _constants(qweight, w_scale, bias, kernels, groups), bias,

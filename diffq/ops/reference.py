@@ -85,6 +85,11 @@ def conv2d(x, weight, bias, act, stride, padding, dilation, groups) -> torch.Ten
     return F.conv2d(xq, w, b, stride, padding, dilation, groups)
 
 
+def segment_starts(segments: list[int]) -> list[int]:
+    """The first input channel of each channel segment."""
+    return [sum(segments[:i]) for i in range(len(segments))]
+
+
 def per_channel_scales(scale: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """Per-segment scales [S] -> fp32 per-channel scales [sum(segments)] (a new tensor)."""
     s = scale.reshape(-1).float()

@@ -38,7 +38,7 @@ def conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None,
         s = reference.per_image_scales(x)
         parts = [(fused.u8_per_image_nhwc(x, s), s, 0)]
     else:
-        starts = [sum(segments[:i]) for i in range(len(segments))]
+        starts = reference.segment_starts(segments)
         parts = [(fused.u8_static_nhwc(x if len(segments) == 1 else x[:, a:a + n], x_scales[i:i + 1]),
                   x_scales[i].reshape(1, 1, 1, 1), a)
                  for i, (a, n) in enumerate(zip(starts, segments, strict=True))]
